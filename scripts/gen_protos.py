@@ -26,8 +26,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 def include_dirs() -> list[Path]:
     """Where protoc finds google/protobuf/* (grpcio-tools) and google/api/* (googleapis)."""
-    import grpc_tools
     import google.api.annotations_pb2 as annotations
+    import grpc_tools
 
     return [
         PROTO_ROOT,
@@ -71,9 +71,7 @@ def generate(out_dir: Path) -> None:
 
 def generated_files(root: Path) -> set[Path]:
     return {
-        path.relative_to(root)
-        for path in root.glob("venna/**/*")
-        if path.name.endswith(GENERATED_SUFFIXES)
+        path.relative_to(root) for path in root.glob("venna/**/*") if path.name.endswith(GENERATED_SUFFIXES)
     }
 
 

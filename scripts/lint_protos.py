@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_protos import PROTO_ROOT, ROOT, include_dirs, proto_files  # noqa: E402
+from gen_protos import PROTO_ROOT, ROOT, include_dirs, proto_files
 
 
 def main() -> int:

@@ -1,0 +1,191 @@
+"""The model backend interface: a normalized request in, a stream of small typed events out.
+
+Backends describe *what* the model produced (text, a function call, reasoning, a web search,
+usage) and nothing about the wire: the service turns these events into the canonical Responses
+stream (item ids, ``output_index``, content parts, sequence numbers, lifecycle snapshots), so
+every backend gets the same ordering guarantees for free and cannot get them wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from venna.responses.v1 import response_pb2, service_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Everything a backend needs for one response.
+
+    ``context`` is the full conversation the model must see: the rebuilt history of
+    ``previous_response_id`` followed by the new input, with item references resolved.
+    ``instructions`` belong to this response only. Generation settings (temperature, tools,
+    tool_choice, max_output_tokens, …) are read from ``request``.
+    """
+
+    model: str
+    context: Sequence[response_pb2.Item]
+    request: service_pb2.CreateResponseRequest
+    instructions: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Events a backend yields. Consecutive events of the same kind extend the current output item;
+# an event of another kind (or EndItem) closes it and opens the next one.
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """More assistant message text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextAnnotation:
+    """An annotation (e.g. a url_citation) on the message text written so far."""
+
+    annotation: response_pb2.Annotation
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """More refusal text, in the current assistant message."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningSummaryDelta:
+    """More text of reasoning summary part ``part`` (0, 1, …) of the current reasoning item."""
+
+    text: str
+    part: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningTextDelta:
+    """More raw reasoning text of the current reasoning item."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningEncryptedContent:
+    """Opaque reasoning state of the current reasoning item, to be sent back verbatim."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCallStart:
+    """The model starts a call of function ``name``; arguments follow as deltas."""
+
+    name: str
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCallArgumentsDelta:
+    """More JSON text of the current function call's arguments."""
+
+    text: str
+
+
+class WebSearchPhase(enum.Enum):
+    IN_PROGRESS = "in_progress"
+    SEARCHING = "searching"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class WebSearchProgress:
+    """A built-in web search call moved to ``phase``; IN_PROGRESS opens a new call."""
+
+    phase: WebSearchPhase
+    action: response_pb2.WebSearchAction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndItem:
+    """Closes the current output item, so that the next event of the same kind opens a new one."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Token counts of the whole response; the last report wins."""
+
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Incomplete:
+    """Generation stopped early; nothing may follow."""
+
+    reason: response_pb2.IncompleteReason.ValueType = response_pb2.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS
+
+
+BackendEvent = (
+    TextDelta
+    | TextAnnotation
+    | RefusalDelta
+    | ReasoningSummaryDelta
+    | ReasoningTextDelta
+    | ReasoningEncryptedContent
+    | FunctionCallStart
+    | FunctionCallArgumentsDelta
+    | WebSearchProgress
+    | EndItem
+    | UsageReport
+    | Incomplete
+)
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of gRPC or HTTP; the service maps it to a status."""
+
+    INVALID_REQUEST = "invalid_request"  # the caller's mistake: never retried
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    UNAVAILABLE = "unavailable"  # the model could not be reached or is overloaded
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"  # the model or the backend failed
+
+
+@dataclass(eq=False, slots=True)
+class BackendError(Exception):
+    """A failure the backend understands well enough to describe to the caller."""
+
+    kind: ErrorKind
+    message: str
+    # OpenAI's error code for the response's `error.code` (e.g. "server_error").
+    code: str = "server_error"
+    # The request field at fault, for INVALID_REQUEST.
+    param: str | None = None
+    # Seconds the caller should wait before retrying, when known.
+    retry_after: float | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Backend(Protocol):
+    """A model backend. Implementations must be safe to call concurrently."""
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Reject a request this backend cannot serve before anything is stored.
+
+        Raises BackendError(INVALID_REQUEST) naming the offending ``param``.
+        """
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
+        """Run the model. Cancelling the iteration must stop the work promptly."""
+        ...

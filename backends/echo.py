@@ -1,0 +1,184 @@
+"""The echo model: a deterministic backend, so that tests of the whole gateway mean something.
+
+It answers with the last user message (or the output of a function call it just made), word by
+word, and counts one token per whitespace-separated word. Options in the model name make it slow
+or make it fail, for tests of streaming, cancellation and failed responses::
+
+    echo                      answer at once
+    echo:delay_ms=50          wait 50 ms before every delta after the first
+    echo:fail_after=3         fail once three words have been written
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from venna.responses.v1 import response_pb2, service_pb2
+
+from backends.base import (
+    BackendError,
+    BackendEvent,
+    ErrorKind,
+    FunctionCallArgumentsDelta,
+    FunctionCallStart,
+    GenerationRequest,
+    Incomplete,
+    TextDelta,
+    UsageReport,
+)
+
+MODEL_NAMES = ("echo", "venna-1")
+
+# The largest value each option accepts.
+_OPTION_LIMITS = {"delay_ms": 60_000, "fail_after": 1_000_000_000}
+# Digits only and short enough for int(): rejects signs, spaces, underscores and huge strings.
+_INTEGER = re.compile(r"[0-9]{1,10}")
+# Characters per arguments delta: small, so that function call arguments stream observably.
+_ARGUMENTS_CHUNK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a request asks of the echo model, checked by validate() and used by generate()."""
+
+    delay_ms: int
+    fail_after: int | None
+    # The function to call instead of answering with text.
+    function: str | None
+
+
+class EchoBackend:
+    """Serves MODEL_NAMES; holds no state, so one instance serves any number of requests."""
+
+    def validate(self, request: GenerationRequest) -> None:
+        _plan(request)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
+        plan = _plan(request)
+        answer = _answer(request.context)
+        words = answer.split()
+        settings = request.request
+        cut = settings.HasField("max_output_tokens") and len(words) > settings.max_output_tokens
+        if cut:
+            words = words[: settings.max_output_tokens]
+            answer = " ".join(words)
+        failing = plan.fail_after is not None and plan.fail_after <= len(words)
+
+        if plan.function is not None:
+            # A call's words count as written only once its arguments are complete, so a call
+            # that would fail is never started.
+            if failing:
+                raise _failure()
+            yield FunctionCallStart(name=plan.function, call_id="call_" + secrets.token_hex(12))
+            arguments = json.dumps({"input": answer})
+            for start in range(0, len(arguments), _ARGUMENTS_CHUNK):
+                if start:
+                    await asyncio.sleep(plan.delay_ms / 1000)
+                yield FunctionCallArgumentsDelta(arguments[start : start + _ARGUMENTS_CHUNK])
+        else:
+            if failing:
+                words = words[: plan.fail_after]
+            for index, word in enumerate(words):
+                if index:
+                    await asyncio.sleep(plan.delay_ms / 1000)
+                yield TextDelta(" " + word if index else word)
+            if failing:
+                raise _failure()
+            if not words:
+                # Still one (empty) message, as a model that says nothing produces.
+                yield TextDelta("")
+
+        yield UsageReport(input_tokens=_input_tokens(request), output_tokens=len(words))
+        if cut:
+            yield Incomplete()
+
+
+def _plan(request: GenerationRequest) -> _Plan:
+    """Parses the model options and the forced function; raises INVALID_REQUEST if they are bad."""
+    options = _options(request.model)
+    return _Plan(options.get("delay_ms", 0), options.get("fail_after"), _forced_function(request.request))
+
+
+def _options(model: str) -> dict[str, int]:
+    """The ``:key=value`` options after the base name."""
+    options: dict[str, int] = {}
+    for suffix in model.split(":")[1:]:
+        key, equals, value = suffix.partition("=")
+        if not equals or not key:
+            raise _invalid_model(f"'{suffix}' in '{model}' is not a key=value option.")
+        limit = _OPTION_LIMITS.get(key)
+        if limit is None:
+            supported = ", ".join(_OPTION_LIMITS)
+            raise _invalid_model(f"unknown option '{key}' in '{model}'; supported options: {supported}.")
+        if key in options:
+            raise _invalid_model(f"option '{key}' is given twice in '{model}'.")
+        if not _INTEGER.fullmatch(value) or int(value) > limit:
+            raise _invalid_model(f"option '{key}' must be an integer from 0 to {limit}, got '{value}'.")
+        options[key] = int(value)
+    return options
+
+
+def _forced_function(request: service_pb2.CreateResponseRequest) -> str | None:
+    """The function that tool_choice makes the model call, if any."""
+    if not request.HasField("tool_choice"):
+        return None
+    functions = [tool.function.name for tool in request.tools if tool.WhichOneof("tool") == "function"]
+    choice = request.tool_choice
+    kind = choice.WhichOneof("choice")
+    if kind == "function":
+        if choice.function.name not in functions:
+            raise BackendError(
+                ErrorKind.INVALID_REQUEST,
+                f"Invalid 'tool_choice': function '{choice.function.name}' is not among the tools.",
+                code="invalid_value",
+                param="tool_choice",
+            )
+        return choice.function.name
+    if kind == "mode" and choice.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED and functions:
+        return functions[0]
+    return None
+
+
+def _answer(context: Sequence[response_pb2.Item]) -> str:
+    """The text to echo: a function result just sent back, else the last user message."""
+    if context and context[-1].WhichOneof("item") == "function_call_output":
+        return context[-1].function_call_output.output
+    for item in reversed(context):
+        if item.WhichOneof("item") == "message" and item.message.role == response_pb2.ROLE_USER:
+            return "".join(
+                part.input_text.text
+                for part in item.message.content
+                if part.WhichOneof("part") == "input_text"
+            )
+    return ""
+
+
+def _input_tokens(request: GenerationRequest) -> int:
+    """Words of the whole context and the instructions, so that chaining shows in the usage."""
+    texts = [request.instructions or ""]
+    for item in request.context:
+        # Unset members of a union read as empty, so every kind of item can be read alike.
+        texts += [
+            item.function_call.name,
+            item.function_call.arguments,
+            item.function_call_output.output,
+            *(summary.text for summary in item.reasoning.summary),
+        ]
+        for part in item.message.content:
+            texts += [part.input_text.text, part.output_text.text, part.refusal.refusal]
+    return sum(len(text.split()) for text in texts)
+
+
+def _invalid_model(problem: str) -> BackendError:
+    return BackendError(
+        ErrorKind.INVALID_REQUEST, f"Invalid 'model': {problem}", code="invalid_value", param="model"
+    )
+
+
+def _failure() -> BackendError:
+    return BackendError(ErrorKind.INTERNAL, "echo model failed on request", code="server_error")

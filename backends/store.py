@@ -1,0 +1,443 @@
+"""The response store: responses, their items and stream events, and workspace keys, in SQLite.
+
+Design points:
+
+* Every row carries its workspace and every query filters on it, so an id from another
+  workspace is indistinguishable from an unknown one.
+* A response stores only its own new input items and its output items, never a copy of the
+  history: storage grows linearly with a conversation. The context of a
+  ``previous_response_id`` is rebuilt by one recursive query over the chain.
+* Protos are stored as serialized bytes: compact, and decoding is cheaper than JSON.
+* The class is synchronous and owns one connection; ``AsyncStore`` runs it on a single worker
+  thread, so the event loop never blocks on SQLite and writes are naturally serialized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+KEY_PREFIX = "vk_"
+_INPUT, _OUTPUT = 0, 1
+
+migrations = Migrations("venna")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    """Workspaces, keys, responses, items and events."""
+    db.table("workspaces").create(
+        {"id": str, "name": str, "created_at": int}, pk="id", not_null={"name", "created_at"}
+    )
+    db.table("workspaces").create_index(["name"], unique=True)
+    db.table("api_keys").create(
+        {
+            "id": str,
+            "workspace_id": str,
+            "key_hash": str,
+            "key_hint": str,
+            "created_at": int,
+            "revoked_at": int,
+        },
+        pk="id",
+        not_null={"workspace_id", "key_hash", "key_hint", "created_at"},
+        foreign_keys=[("workspace_id", "workspaces", "id")],
+    )
+    db.table("api_keys").create_index(["key_hash"], unique=True)
+    db.table("responses").create(
+        {
+            "id": str,
+            "workspace_id": str,
+            "previous_response_id": str,
+            "status": int,
+            "background": int,
+            "created_at": int,
+            "body": bytes,  # the Response without its output (that lives in items)
+            "request": bytes,  # the CreateResponseRequest, kept until a background run ends
+        },
+        pk="id",
+        not_null={"workspace_id", "status", "background", "created_at", "body"},
+    )
+    db.table("responses").create_index(["workspace_id", "id"])
+    db.table("responses").create_index(["status"])
+    db.table("items").create(
+        {
+            "seq": int,
+            "workspace_id": str,
+            "response_id": str,
+            "item_id": str,
+            "kind": int,  # 0 input, 1 output
+            "position": int,
+            "body": bytes,
+        },
+        pk="seq",
+        not_null={"workspace_id", "response_id", "item_id", "kind", "position", "body"},
+    )
+    db.table("items").create_index(["response_id", "kind", "position"], unique=True)
+    db.table("items").create_index(["workspace_id", "item_id"])
+    db.execute(
+        "CREATE TABLE events (response_id TEXT NOT NULL, sequence_number INTEGER NOT NULL,"
+        " body BLOB NOT NULL, PRIMARY KEY (response_id, sequence_number)) WITHOUT ROWID"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    workspace: str
+    hint: str
+    created_at: int
+    revoked_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class InputItemsPage:
+    items: list[response_pb2.Item]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PendingResponse:
+    """A background response that had not finished when the server last stopped."""
+
+    workspace_id: str
+    response: response_pb2.Response
+    request: service_pb2.CreateResponseRequest | None
+
+
+def _hash_key(key: str) -> str:
+    # Keys are 256-bit random strings, so a fast unsalted hash cannot be brute-forced.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def item_id(item: response_pb2.Item) -> str:
+    """The id of whichever member of the item union is set."""
+    kind = item.WhichOneof("item")
+    return getattr(item, kind).id if kind else ""
+
+
+class Store:
+    """Synchronous access to one SQLite database file."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit at the driver level: transactions are explicit (Database.atomic).
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db = Database(conn, execute_plugins=False)
+        self.db.enable_wal()
+        conn.execute("PRAGMA synchronous=NORMAL")  # durable against crashes of the process
+        conn.execute("PRAGMA busy_timeout=5000")  # the CLI may write while the server runs
+        migrations.apply(self.db)
+        self._conn = conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ---------------------------------------------------------------------------- keys
+
+    def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
+        """Creates a key (and the workspace, if new); the plaintext is returned only here."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = int(time.time())
+        with self.db.atomic():
+            row = self._conn.execute("SELECT id FROM workspaces WHERE name = ?", [workspace_name]).fetchone()
+            if row:
+                workspace_id = row[0]
+            else:
+                workspace_id = "ws_" + secrets.token_hex(12)
+                self._conn.execute(
+                    "INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)",
+                    [workspace_id, workspace_name, now],
+                )
+            record = KeyRecord(
+                id="key_" + secrets.token_hex(8),
+                workspace=workspace_name,
+                hint=key[:7] + "…" + key[-4:],
+                created_at=now,
+                revoked_at=None,
+            )
+            self._conn.execute(
+                "INSERT INTO api_keys (id, workspace_id, key_hash, key_hint, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [record.id, workspace_id, _hash_key(key), record.hint, now],
+            )
+        return key, record
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._conn.execute(
+            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
+            " JOIN workspaces w ON w.id = k.workspace_id ORDER BY k.created_at, k.rowid"
+        ).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.db.atomic():
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                [int(time.time()), key_id],
+            )
+        return cursor.rowcount == 1
+
+    def authenticate(self, key: str) -> str | None:
+        """The workspace id of a valid, unrevoked key."""
+        if not key.startswith(KEY_PREFIX):
+            return None
+        row = self._conn.execute(
+            "SELECT workspace_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            [_hash_key(key)],
+        ).fetchone()
+        return row[0] if row else None
+
+    # ---------------------------------------------------------------------------- responses
+
+    def create_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        input_items: Sequence[response_pb2.Item],
+        *,
+        request: service_pb2.CreateResponseRequest | None = None,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+    ) -> None:
+        """Stores a new response with its input items (and, for background runs, its request)."""
+        with self.db.atomic():
+            self._conn.execute(
+                "INSERT INTO responses (id, workspace_id, previous_response_id, status, background,"
+                " created_at, body, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    response.id,
+                    workspace_id,
+                    response.previous_response_id if response.HasField("previous_response_id") else None,
+                    response.status,
+                    int(response.background),
+                    response.created_at,
+                    _body_without_output(response),
+                    request.SerializeToString() if request is not None else None,
+                ],
+            )
+            self._insert_items(workspace_id, response.id, _INPUT, input_items)
+            self._insert_items(workspace_id, response.id, _OUTPUT, response.output)
+            self._insert_events(response.id, events)
+
+    def save_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        *,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> bool:
+        """Updates a stored response and replaces its output; False if it no longer exists.
+
+        ``finished`` drops the kept request: a finished background run is never re-run.
+        """
+        with self.db.atomic():
+            cursor = self._conn.execute(
+                "UPDATE responses SET status = ?, body = ?"
+                + (", request = NULL" if finished else "")
+                + " WHERE id = ? AND workspace_id = ?",
+                [response.status, _body_without_output(response), response.id, workspace_id],
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._conn.execute("DELETE FROM items WHERE response_id = ? AND kind = ?", [response.id, _OUTPUT])
+            self._insert_items(workspace_id, response.id, _OUTPUT, response.output)
+            self._insert_events(response.id, events)
+        return True
+
+    def append_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
+        with self.db.atomic():
+            self._insert_events(response_id, events)
+
+    def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        row = self._conn.execute(
+            "SELECT body FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+        ).fetchone()
+        if row is None:
+            return None
+        response = response_pb2.Response.FromString(row[0])
+        for (body,) in self._conn.execute(
+            "SELECT body FROM items WHERE response_id = ? AND kind = ? ORDER BY position",
+            [response_id, _OUTPUT],
+        ):
+            response.output.add().ParseFromString(body)
+        return response
+
+    def delete_response(self, workspace_id: str, response_id: str) -> bool:
+        with self.db.atomic():
+            cursor = self._conn.execute(
+                "DELETE FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._conn.execute("DELETE FROM items WHERE response_id = ?", [response_id])
+            self._conn.execute("DELETE FROM events WHERE response_id = ?", [response_id])
+        return True
+
+    def load_context(self, workspace_id: str, response_id: str) -> list[response_pb2.Item] | None:
+        """The conversation up to and including ``response_id``, oldest first.
+
+        Per response: its input items, then its output items; ``None`` if the response is
+        unknown in this workspace. One query, however deep the chain.
+        """
+        rows = self._conn.execute(
+            """
+            WITH RECURSIVE chain(id, previous_id, depth) AS (
+                SELECT id, previous_response_id, 0 FROM responses
+                WHERE id = :id AND workspace_id = :ws
+                UNION ALL
+                SELECT r.id, r.previous_response_id, chain.depth + 1
+                FROM responses r JOIN chain ON r.id = chain.previous_id
+                WHERE r.workspace_id = :ws
+            )
+            SELECT chain.depth, items.body FROM chain
+            LEFT JOIN items ON items.response_id = chain.id
+            ORDER BY chain.depth DESC, items.kind, items.position
+            """,
+            {"id": response_id, "ws": workspace_id},
+        ).fetchall()
+        if not rows:
+            return None
+        return [response_pb2.Item.FromString(body) for _, body in rows if body is not None]
+
+    def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
+        """Stored items of this workspace by id (for item_reference inputs)."""
+        if not item_ids:
+            return {}
+        marks = ",".join("?" * len(item_ids))
+        rows = self._conn.execute(
+            f"SELECT item_id, body FROM items WHERE workspace_id = ? AND item_id IN ({marks}) ORDER BY seq",
+            [workspace_id, *item_ids],
+        ).fetchall()
+        return {found_id: response_pb2.Item.FromString(body) for found_id, body in rows}
+
+    def list_input_items(
+        self,
+        workspace_id: str,
+        response_id: str,
+        *,
+        limit: int,
+        ascending: bool,
+        after: str | None,
+    ) -> InputItemsPage | None:
+        """A page of a response's own input items; None if the response is unknown.
+
+        Raises LookupError if ``after`` is not an input item of the response.
+        """
+        exists = self._conn.execute(
+            "SELECT 1 FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+        ).fetchone()
+        if exists is None:
+            return None
+        if after is None:
+            bound = -1 if ascending else 2**62
+        else:
+            row = self._conn.execute(
+                "SELECT position FROM items WHERE response_id = ? AND kind = ? AND item_id = ?"
+                " ORDER BY position LIMIT 1",
+                [response_id, _INPUT, after],
+            ).fetchone()
+            if row is None:
+                raise LookupError(after)
+            bound = row[0]
+        comparison, direction = (">", "ASC") if ascending else ("<", "DESC")
+        rows = self._conn.execute(
+            f"SELECT body FROM items WHERE response_id = ? AND kind = ? AND position {comparison} ?"
+            f" ORDER BY position {direction} LIMIT ?",
+            [response_id, _INPUT, bound, limit + 1],
+        ).fetchall()
+        items = [response_pb2.Item.FromString(body) for (body,) in rows[:limit]]
+        return InputItemsPage(items=items, has_more=len(rows) > limit)
+
+    def events_after(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> list[events_pb2.ResponseStreamEvent]:
+        rows = self._conn.execute(
+            "SELECT e.body FROM events e JOIN responses r ON r.id = e.response_id"
+            " WHERE e.response_id = ? AND r.workspace_id = ? AND e.sequence_number > ?"
+            " ORDER BY e.sequence_number",
+            [response_id, workspace_id, after],
+        ).fetchall()
+        return [events_pb2.ResponseStreamEvent.FromString(body) for (body,) in rows]
+
+    def last_sequence_number(self, response_id: str) -> int:
+        row = self._conn.execute(
+            "SELECT MAX(sequence_number) FROM events WHERE response_id = ?", [response_id]
+        ).fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    def pending_responses(self) -> list[PendingResponse]:
+        """Responses left queued or in progress, oldest first (for recovery at start-up)."""
+        rows = self._conn.execute(
+            "SELECT workspace_id, body, request FROM responses WHERE status IN (?, ?)"
+            " ORDER BY created_at, rowid",
+            [response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS],
+        ).fetchall()
+        return [
+            PendingResponse(
+                workspace_id=workspace_id,
+                response=response_pb2.Response.FromString(body),
+                request=service_pb2.CreateResponseRequest.FromString(request) if request else None,
+            )
+            for workspace_id, body, request in rows
+        ]
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _insert_items(
+        self, workspace_id: str, response_id: str, kind: int, items: Sequence[response_pb2.Item]
+    ) -> None:
+        self._conn.executemany(
+            "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (workspace_id, response_id, item_id(item), kind, position, item.SerializeToString())
+                for position, item in enumerate(items)
+            ],
+        )
+
+    def _insert_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
+        # Idempotent: a write retried after an interruption may repeat events already stored.
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO events (response_id, sequence_number, body) VALUES (?, ?, ?)",
+            [(response_id, event.sequence_number, event.SerializeToString()) for event in events],
+        )
+
+
+def _body_without_output(response: response_pb2.Response) -> bytes:
+    body = response_pb2.Response()
+    body.CopyFrom(response)
+    body.ClearField("output")
+    return body.SerializeToString()
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class AsyncStore:
+    """Runs a Store's calls on one dedicated thread, off the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="venna-store")
+
+    async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: method(*args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()

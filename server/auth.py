@@ -1,0 +1,124 @@
+"""Workspace keys on gRPC: ``authorization: Bearer vk_…`` resolves to the caller's workspace.
+
+The interceptor wraps each handler of the Responses service so that, inside the handler's own
+task, the workspace is set in a context variable (read with ``workspace_id()``) and
+ServiceErrors become gRPC statuses with their details. Health and reflection stay open.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from backends.store import AsyncStore
+from server.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+PROTECTED_SERVICE_PREFIX = "/venna.responses.v1.ResponsesService/"
+
+# The servicer context of a call of any of our RPCs.
+Context = grpc.aio.ServicerContext[Any, Any]
+_Unary = Callable[[Any, Context], Awaitable[Any]]
+_Stream = Callable[[Any, Context], AsyncIterator[Any]]
+
+_workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspace")
+
+
+def workspace_id() -> str:
+    """The workspace of the current call; set by the interceptor before any handler runs."""
+    return _workspace.get()
+
+
+def _bearer_key(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, db: AsyncStore) -> None:
+        self._db = db
+
+    async def _authenticate(self, context: Context) -> None:
+        key = _bearer_key(context)
+        if key is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Missing API key: send 'authorization: Bearer vk_…'.",
+                reason="MISSING_API_KEY",
+            )
+        found = await self._db.call(self._db.store.authenticate, key)
+        if found is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Invalid API key: the key is unknown or has been revoked.",
+                reason="INVALID_API_KEY",
+            )
+        _workspace.set(found)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(PROTECTED_SERVICE_PREFIX):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary),  # type: ignore[arg-type]  # aio handlers are async
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behavior: _Unary) -> _Unary:
+        async def unary(request: Any, context: Context) -> Any:
+            try:
+                await self._authenticate(context)
+                return await behavior(request, context)
+            except ServiceError as error:
+                await _abort(context, error)
+            except Exception:
+                log.exception("unexpected failure")
+                await _abort(context, _internal())
+
+        return unary
+
+    def _wrap_stream(self, behavior: _Stream) -> _Stream:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                await self._authenticate(context)
+                async for message in behavior(request, context):
+                    yield message
+            except ServiceError as error:
+                await _abort(context, error)
+            except Exception:
+                log.exception("unexpected failure")
+                await _abort(context, _internal())
+
+        return stream
+
+
+def _internal() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, "The server had an internal error.", reason="INTERNAL")
+
+
+async def _abort(context: Context, error: ServiceError) -> None:
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)

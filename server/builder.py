@@ -1,0 +1,468 @@
+"""Turns a backend's events into the canonical Responses event stream and the final Response.
+
+One place owns the rules strict clients check: sequence numbers from 0 without gaps; for each
+item ``output_item.added`` → content/part events → ``output_item.done``; ``output_index`` equal
+to the item's final position; a part's ``.done`` events before its item's; lifecycle snapshots
+that agree with each other and with what is stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from venna.responses.v1 import events_pb2, response_pb2
+
+from backends import base
+
+Event = events_pb2.ResponseStreamEvent
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable id with one of OpenAI's prefixes (resp_, msg_, fc_, rs_, ws_)."""
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+@dataclass(slots=True)
+class _OpenItem:
+    """The output item currently being written, and its open sub-part."""
+
+    kind: str  # the Item oneof member: message, function_call, reasoning, web_search_call
+    index: int
+    part: str | None = None  # message: output_text | refusal; reasoning: summary | reasoning_text
+    summary_part: int = -1
+
+
+class ResponseBuilder:
+    """Folds backend events into ``response`` and returns the stream events they cause."""
+
+    def __init__(self, response: response_pb2.Response, next_sequence_number: int = 0) -> None:
+        self.response = response
+        self.next_sequence_number = next_sequence_number
+        self._open: _OpenItem | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def created(self) -> list[Event]:
+        """The first events: response.created, and response.queued for a queued response."""
+        events = [self._lifecycle("created")]
+        if self.response.status == response_pb2.RESPONSE_STATUS_QUEUED:
+            events.append(self._lifecycle("queued"))
+        return events
+
+    def started(self) -> list[Event]:
+        self.response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
+        return [self._lifecycle("in_progress")]
+
+    def completed(self) -> list[Event]:
+        events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+        self.response.status = response_pb2.RESPONSE_STATUS_COMPLETED
+        self.response.completed_at = int(time.time())
+        self._ensure_usage()
+        events.append(self._lifecycle("completed"))
+        return events
+
+    def incomplete(self, reason: response_pb2.IncompleteReason.ValueType) -> list[Event]:
+        events = self._close_item(response_pb2.ITEM_STATUS_INCOMPLETE)
+        self.response.status = response_pb2.RESPONSE_STATUS_INCOMPLETE
+        self.response.incomplete_details.reason = reason
+        self._ensure_usage()
+        events.append(self._lifecycle("incomplete"))
+        return events
+
+    def failed(self, code: str, message: str) -> list[Event]:
+        self.response.status = response_pb2.RESPONSE_STATUS_FAILED
+        self.response.error.code = code
+        self.response.error.message = message
+        return [self._lifecycle("failed")]
+
+    def cancelled(self) -> None:
+        """Cancellation has no stream event of its own: the stream simply ends."""
+        self.response.status = response_pb2.RESPONSE_STATUS_CANCELLED
+
+    @property
+    def finished(self) -> bool:
+        return self.response.status not in (
+            response_pb2.RESPONSE_STATUS_QUEUED,
+            response_pb2.RESPONSE_STATUS_IN_PROGRESS,
+        )
+
+    # ------------------------------------------------------------------ backend events
+
+    def apply(self, event: base.BackendEvent) -> list[Event]:
+        """The stream events caused by one backend event (terminal ones are handled by the caller)."""
+        match event:
+            case base.TextDelta(text=text):
+                return self._message_delta("output_text", text)
+            case base.RefusalDelta(text=text):
+                return self._message_delta("refusal", text)
+            case base.TextAnnotation(annotation=annotation):
+                return self._annotation(annotation)
+            case base.ReasoningSummaryDelta():
+                return self._reasoning_summary(event)
+            case base.ReasoningTextDelta(text=text):
+                return self._reasoning_text(text)
+            case base.ReasoningEncryptedContent(content=content):
+                events = self._open_item("reasoning")
+                self._item().reasoning.encrypted_content = content
+                return events
+            case base.FunctionCallStart(name=name, call_id=call_id):
+                events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+                events += self._open_item("function_call", name=name, call_id=call_id)
+                return events
+            case base.FunctionCallArgumentsDelta(text=text):
+                return self._arguments(text)
+            case base.WebSearchProgress():
+                return self._web_search(event)
+            case base.EndItem():
+                return self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+            case base.UsageReport():
+                usage = self.response.usage
+                usage.input_tokens = event.input_tokens
+                usage.output_tokens = event.output_tokens
+                usage.total_tokens = event.input_tokens + event.output_tokens
+                usage.input_tokens_details.cached_tokens = event.cached_tokens
+                usage.output_tokens_details.reasoning_tokens = event.reasoning_tokens
+                return []
+            case base.Incomplete():
+                raise ValueError("Incomplete is terminal: call incomplete()")
+        raise TypeError(f"unknown backend event {event!r}")
+
+    # ------------------------------------------------------------------ messages
+
+    def _message_delta(self, part_kind: str, text: str) -> list[Event]:
+        events = self._open_item("message")
+        events += self._open_part(part_kind)
+        if not text:
+            return events
+        assert self._open is not None
+        message = self._item().message
+        content_index = len(message.content) - 1
+        part = message.content[content_index]
+        common: dict[str, Any] = {
+            "item_id": message.id,
+            "output_index": self._open.index,
+            "content_index": content_index,
+        }
+        if part_kind == "output_text":
+            part.output_text.text += text
+            events.append(self._emit(output_text_delta=events_pb2.OutputTextDeltaEvent(delta=text, **common)))
+        else:
+            part.refusal.refusal += text
+            events.append(self._emit(refusal_delta=events_pb2.RefusalDeltaEvent(delta=text, **common)))
+        return events
+
+    def _annotation(self, annotation: response_pb2.Annotation) -> list[Event]:
+        events = self._open_item("message")
+        events += self._open_part("output_text")
+        assert self._open is not None
+        message = self._item().message
+        content_index = len(message.content) - 1
+        annotations = message.content[content_index].output_text.annotations
+        annotations.append(annotation)
+        events.append(
+            self._emit(
+                output_text_annotation_added=events_pb2.OutputTextAnnotationAddedEvent(
+                    item_id=message.id,
+                    output_index=self._open.index,
+                    content_index=content_index,
+                    annotation_index=len(annotations) - 1,
+                    annotation=annotation,
+                )
+            )
+        )
+        return events
+
+    def _open_part(self, part_kind: str) -> list[Event]:
+        assert self._open is not None
+        if self._open.part == part_kind:
+            return []
+        events = self._close_part()
+        message = self._item().message
+        part = message.content.add()
+        if part_kind == "output_text":
+            part.output_text.SetInParent()
+        else:
+            part.refusal.SetInParent()
+        self._open.part = part_kind
+        events.append(
+            self._emit(
+                content_part_added=events_pb2.ContentPartAddedEvent(
+                    item_id=message.id,
+                    output_index=self._open.index,
+                    content_index=len(message.content) - 1,
+                    part=part,
+                )
+            )
+        )
+        return events
+
+    # ------------------------------------------------------------------ reasoning
+
+    def _reasoning_summary(self, event: base.ReasoningSummaryDelta) -> list[Event]:
+        events = self._open_item("reasoning")
+        assert self._open is not None
+        reasoning = self._item().reasoning
+        common: dict[str, Any] = {"item_id": reasoning.id, "output_index": self._open.index}
+        if self._open.part != "summary" or event.part != self._open.summary_part:
+            events += self._close_part()
+            reasoning.summary.add()
+            self._open.part, self._open.summary_part = "summary", event.part
+            events.append(
+                self._emit(
+                    reasoning_summary_part_added=events_pb2.ReasoningSummaryPartAddedEvent(
+                        summary_index=len(reasoning.summary) - 1, part=response_pb2.SummaryText(), **common
+                    )
+                )
+            )
+        if event.text:
+            summary_index = len(reasoning.summary) - 1
+            reasoning.summary[summary_index].text += event.text
+            events.append(
+                self._emit(
+                    reasoning_summary_text_delta=events_pb2.ReasoningSummaryTextDeltaEvent(
+                        summary_index=summary_index, delta=event.text, **common
+                    )
+                )
+            )
+        return events
+
+    def _reasoning_text(self, text: str) -> list[Event]:
+        events = self._open_item("reasoning")
+        assert self._open is not None
+        reasoning = self._item().reasoning
+        if self._open.part != "reasoning_text":
+            events += self._close_part()
+            reasoning.content.add()
+            self._open.part = "reasoning_text"
+        content_index = len(reasoning.content) - 1
+        reasoning.content[content_index].text += text
+        events.append(
+            self._emit(
+                reasoning_text_delta=events_pb2.ReasoningTextDeltaEvent(
+                    item_id=reasoning.id,
+                    output_index=self._open.index,
+                    content_index=content_index,
+                    delta=text,
+                )
+            )
+        )
+        return events
+
+    # ------------------------------------------------------------------ tools
+
+    def _arguments(self, text: str) -> list[Event]:
+        if self._open is None or self._open.kind != "function_call":
+            raise ValueError("function call arguments without FunctionCallStart")
+        call = self._item().function_call
+        call.arguments += text
+        return [
+            self._emit(
+                function_call_arguments_delta=events_pb2.FunctionCallArgumentsDeltaEvent(
+                    item_id=call.id, output_index=self._open.index, delta=text
+                )
+            )
+        ]
+
+    def _web_search(self, event: base.WebSearchProgress) -> list[Event]:
+        events: list[Event] = []
+        if event.phase is base.WebSearchPhase.IN_PROGRESS or (
+            self._open is None or self._open.kind != "web_search_call"
+        ):
+            events += self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+            events += self._open_item("web_search_call")
+        assert self._open is not None
+        call = self._item().web_search_call
+        if event.action is not None:
+            call.action.CopyFrom(event.action)
+        common: dict[str, Any] = {"item_id": call.id, "output_index": self._open.index}
+        if event.phase is base.WebSearchPhase.IN_PROGRESS:
+            events.append(
+                self._emit(web_search_call_in_progress=events_pb2.WebSearchCallInProgressEvent(**common))
+            )
+        elif event.phase is base.WebSearchPhase.SEARCHING:
+            call.status = response_pb2.WEB_SEARCH_CALL_STATUS_SEARCHING
+            events.append(
+                self._emit(web_search_call_searching=events_pb2.WebSearchCallSearchingEvent(**common))
+            )
+        else:
+            events.append(
+                self._emit(web_search_call_completed=events_pb2.WebSearchCallCompletedEvent(**common))
+            )
+            events += self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+        return events
+
+    # ------------------------------------------------------------------ items
+
+    def _item(self) -> response_pb2.Item:
+        assert self._open is not None
+        return self.response.output[self._open.index]
+
+    def _open_item(self, kind: str, *, name: str = "", call_id: str = "") -> list[Event]:
+        """Opens an item of ``kind`` unless one is open already (closing one of another kind)."""
+        if self._open is not None and self._open.kind == kind and kind != "function_call":
+            return []
+        events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+        item = self.response.output.add()
+        if kind == "message":
+            item.message.id = new_id("msg")
+            item.message.role = response_pb2.ROLE_ASSISTANT
+            item.message.status = response_pb2.ITEM_STATUS_IN_PROGRESS
+        elif kind == "function_call":
+            item.function_call.id = new_id("fc")
+            item.function_call.call_id = call_id
+            item.function_call.name = name
+            item.function_call.status = response_pb2.ITEM_STATUS_IN_PROGRESS
+        elif kind == "reasoning":
+            item.reasoning.id = new_id("rs")
+        elif kind == "web_search_call":
+            item.web_search_call.id = new_id("ws")
+            item.web_search_call.status = response_pb2.WEB_SEARCH_CALL_STATUS_IN_PROGRESS
+        else:
+            raise ValueError(f"unknown item kind {kind}")
+        self._open = _OpenItem(kind=kind, index=len(self.response.output) - 1)
+        events.append(
+            self._emit(
+                output_item_added=events_pb2.OutputItemAddedEvent(output_index=self._open.index, item=item)
+            )
+        )
+        return events
+
+    def _close_part(self) -> list[Event]:
+        """The .done events of the open sub-part of the open item."""
+        open_item = self._open
+        if open_item is None or open_item.part is None:
+            return []
+        item = self._item()
+        events: list[Event] = []
+        if open_item.kind == "message":
+            message = item.message
+            content_index = len(message.content) - 1
+            part = message.content[content_index]
+            common: dict[str, Any] = {
+                "item_id": message.id,
+                "output_index": open_item.index,
+                "content_index": content_index,
+            }
+            if open_item.part == "output_text":
+                events.append(
+                    self._emit(
+                        output_text_done=events_pb2.OutputTextDoneEvent(text=part.output_text.text, **common)
+                    )
+                )
+            else:
+                events.append(
+                    self._emit(
+                        refusal_done=events_pb2.RefusalDoneEvent(refusal=part.refusal.refusal, **common)
+                    )
+                )
+            events.append(self._emit(content_part_done=events_pb2.ContentPartDoneEvent(part=part, **common)))
+        elif open_item.part == "summary":
+            reasoning = item.reasoning
+            summary_index = len(reasoning.summary) - 1
+            summary = reasoning.summary[summary_index]
+            common = {
+                "item_id": reasoning.id,
+                "output_index": open_item.index,
+                "summary_index": summary_index,
+            }
+            events.append(
+                self._emit(
+                    reasoning_summary_text_done=events_pb2.ReasoningSummaryTextDoneEvent(
+                        text=summary.text, **common
+                    )
+                )
+            )
+            events.append(
+                self._emit(
+                    reasoning_summary_part_done=events_pb2.ReasoningSummaryPartDoneEvent(
+                        part=summary, **common
+                    )
+                )
+            )
+        else:
+            reasoning = item.reasoning
+            content_index = len(reasoning.content) - 1
+            events.append(
+                self._emit(
+                    reasoning_text_done=events_pb2.ReasoningTextDoneEvent(
+                        item_id=reasoning.id,
+                        output_index=open_item.index,
+                        content_index=content_index,
+                        text=reasoning.content[content_index].text,
+                    )
+                )
+            )
+        open_item.part = None
+        return events
+
+    def _close_item(self, status: response_pb2.ItemStatus.ValueType) -> list[Event]:
+        """The .done events of the open item, which takes ``status``."""
+        if self._open is None:
+            return []
+        events = self._close_part()
+        item = self._item()
+        kind = self._open.kind
+        if kind == "function_call":
+            call = item.function_call
+            events.append(
+                self._emit(
+                    function_call_arguments_done=events_pb2.FunctionCallArgumentsDoneEvent(
+                        item_id=call.id,
+                        output_index=self._open.index,
+                        name=call.name,
+                        arguments=call.arguments,
+                    )
+                )
+            )
+            call.status = status
+        elif kind == "message":
+            item.message.status = status
+        elif kind == "reasoning":
+            item.reasoning.status = status
+        elif kind == "web_search_call":
+            item.web_search_call.status = (
+                response_pb2.WEB_SEARCH_CALL_STATUS_COMPLETED
+                if status == response_pb2.ITEM_STATUS_COMPLETED
+                else response_pb2.WEB_SEARCH_CALL_STATUS_FAILED
+            )
+        events.append(
+            self._emit(
+                output_item_done=events_pb2.OutputItemDoneEvent(output_index=self._open.index, item=item)
+            )
+        )
+        self._open = None
+        return events
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _ensure_usage(self) -> None:
+        usage = self.response.usage  # reading a submessage does not set it; touch it so it is present
+        usage.SetInParent()
+        usage.input_tokens_details.SetInParent()
+        usage.output_tokens_details.SetInParent()
+
+    def _lifecycle(self, kind: str) -> Event:
+        snapshot = response_pb2.Response()
+        snapshot.CopyFrom(self.response)
+        member = {
+            "created": events_pb2.ResponseCreatedEvent,
+            "queued": events_pb2.ResponseQueuedEvent,
+            "in_progress": events_pb2.ResponseInProgressEvent,
+            "completed": events_pb2.ResponseCompletedEvent,
+            "incomplete": events_pb2.ResponseIncompleteEvent,
+            "failed": events_pb2.ResponseFailedEvent,
+        }[kind]
+        return self._emit(**{kind: member(response=snapshot)})
+
+    def _emit(self, **member: object) -> Event:
+        """Wraps one event member in the envelope with the next sequence number.
+
+        Assigning a message field through the constructor copies it, so an event never aliases
+        the live snapshot that later deltas keep changing.
+        """
+        event = Event(sequence_number=self.next_sequence_number, **member)  # type: ignore[arg-type]
+        self.next_sequence_number += 1
+        return event

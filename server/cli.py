@@ -1,0 +1,126 @@
+"""The ``venna`` command: ``serve`` and ``keys``.
+
+Settings come from flags, then ``VENNA_*`` environment variables, then defaults that bind to
+127.0.0.1 and use ``./venna.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from backends.store import Store
+from server.app import ServerConfig, serve
+
+DEFAULTS = ServerConfig()
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="venna", description="Venna: a stateful Responses API gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_db(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--db",
+            default=_env("VENNA_DB", str(DEFAULTS.db_path)),
+            help="SQLite database file (env VENNA_DB; default ./venna.db)",
+        )
+
+    serve_command = commands.add_parser("serve", help="run the gRPC server")
+    serve_command.add_argument(
+        "--grpc-listen",
+        default=_env("VENNA_GRPC_LISTEN", DEFAULTS.grpc_listen),
+        metavar="HOST:PORT",
+        help=f"gRPC address (env VENNA_GRPC_LISTEN; default {DEFAULTS.grpc_listen})",
+    )
+    add_db(serve_command)
+    serve_command.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=float(_env("VENNA_SHUTDOWN_GRACE", str(DEFAULTS.shutdown_grace))),
+        metavar="SECONDS",
+        help="time in-flight work gets to finish on SIGTERM/SIGINT (env VENNA_SHUTDOWN_GRACE)",
+    )
+    serve_command.add_argument(
+        "--background-concurrency",
+        type=int,
+        default=int(_env("VENNA_BACKGROUND_CONCURRENCY", str(DEFAULTS.background_concurrency))),
+        metavar="N",
+        help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
+    )
+    serve_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
+
+    keys = commands.add_parser("keys", help="manage workspace API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key; it is printed once and stored only as a hash")
+    create.add_argument("--workspace", required=True, help="workspace name (created if new)")
+    add_db(create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    add_db(listing)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (see 'keys list')")
+    revoke.add_argument("key_id")
+    add_db(revoke)
+    return parser
+
+
+def _when(timestamp: int | None) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if timestamp else "-"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = _build_parser().parse_args(argv)
+    if options.command == "serve":
+        logging.basicConfig(
+            level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        config = ServerConfig(
+            grpc_listen=options.grpc_listen,
+            db_path=Path(options.db),
+            shutdown_grace=options.shutdown_grace,
+            background_concurrency=options.background_concurrency,
+        )
+        try:
+            asyncio.run(serve(config))
+        except OSError as error:
+            print(f"venna: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    store = Store(options.db)
+    try:
+        if options.keys_command == "create":
+            key, record = store.create_key(options.workspace)
+            print(
+                f"created key {record.id} for workspace '{record.workspace}' (shown once):", file=sys.stderr
+            )
+            print(key)
+        elif options.keys_command == "list":
+            print(f"{'ID':<22} {'WORKSPACE':<20} {'KEY':<14} {'CREATED':<21} REVOKED")
+            for record in store.list_keys():
+                print(
+                    f"{record.id:<22} {record.workspace:<20} {record.hint:<14} "
+                    f"{_when(record.created_at):<21} {_when(record.revoked_at)}"
+                )
+        elif options.keys_command == "revoke":
+            if not store.revoke_key(options.key_id):
+                print(f"venna: no active key with id '{options.key_id}'", file=sys.stderr)
+                return 1
+            print(f"revoked {options.key_id}", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

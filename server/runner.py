@@ -1,0 +1,234 @@
+"""The durable background runner: runs ``background: true`` responses and keeps their streams.
+
+Durability comes from the store: a background response is stored (with its request and its
+first events) before CreateResponse returns, and every event is persisted shortly after it
+is published. After a crash or restart, ``recover()`` settles what the previous process left:
+
+* a response still **queued** never produced anything, so it is run again from its stored
+  request;
+* a response **in progress** had already streamed events that cannot be reproduced, so it is
+  marked **failed** (``server_error``) with a final ``response.failed`` event.
+
+Nothing is left queued or in progress forever. A graceful shutdown waits for running
+responses up to a grace period, fails the ones still running and leaves queued ones queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from venna.responses.v1 import response_pb2, service_pb2
+
+from backends import base
+from backends.store import AsyncStore
+from server.builder import Event, ResponseBuilder
+from server.execution import Execution
+from server.routing import Router
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_MESSAGE = "The server shut down before the response finished."
+RESTART_MESSAGE = "The server restarted before the response finished."
+
+
+class LiveResponse:
+    """A background response owned by this process: its builder and every event so far."""
+
+    def __init__(self, workspace_id: str, builder: ResponseBuilder, events: list[Event]) -> None:
+        self.workspace_id = workspace_id
+        self.builder = builder
+        # events[n].sequence_number == n: the whole stream from response.created.
+        self.events = events
+        self.persisted = len(events)
+        self.done = False
+        self.shutting_down = False
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        # The write of new events in flight, if any.
+        self.flush_task: asyncio.Task[None] | None = None
+
+    @property
+    def response_id(self) -> str:
+        return self.builder.response.id
+
+    def publish(self, events: list[Event]) -> None:
+        self.events.extend(events)
+        self._wake()
+
+    def close(self) -> None:
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # Followers wait on the Event they saw; swap in a fresh one for the next change.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def follow(self, after: int) -> AsyncIterator[Event]:
+        """Events with sequence_number > after, then each new one until the response ends."""
+        index = max(after + 1, 0)
+        while True:
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.done:
+                return
+            await self._changed.wait()
+
+
+class BackgroundRunner:
+    """Runs background responses with bounded concurrency and streams them to followers."""
+
+    def __init__(self, db: AsyncStore, router: Router, concurrency: int = 64) -> None:
+        self._db = db
+        self._router = router
+        self._slots = asyncio.Semaphore(concurrency)
+        self._live: dict[str, LiveResponse] = {}
+
+    def live(self, workspace_id: str, response_id: str) -> LiveResponse | None:
+        live = self._live.get(response_id)
+        return live if live is not None and live.workspace_id == workspace_id else None
+
+    def submit(
+        self,
+        workspace_id: str,
+        builder: ResponseBuilder,
+        generation: base.GenerationRequest,
+        events: list[Event],
+    ) -> LiveResponse:
+        """Starts a stored, queued response; ``events`` are those already stored for it."""
+        live = LiveResponse(workspace_id, builder, events)
+        self._live[live.response_id] = live
+        live.task = asyncio.create_task(
+            self._execute(live, generation), name=f"background {live.response_id}"
+        )
+        return live
+
+    async def cancel(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        """Stops a live response and returns its final snapshot; None if it is not live here."""
+        live = self.live(workspace_id, response_id)
+        if live is None or live.task is None:
+            return None
+        live.task.cancel()
+        await asyncio.wait({live.task})
+        return live.builder.response
+
+    async def recover(self) -> None:
+        """Settles the background responses a previous process left unfinished."""
+        for pending in await self._db.call(self._db.store.pending_responses):
+            response = pending.response
+            last = await self._db.call(self._db.store.last_sequence_number, response.id)
+            builder = ResponseBuilder(response, next_sequence_number=last + 1)
+            queued = response.status == response_pb2.RESPONSE_STATUS_QUEUED
+            if queued and pending.request is not None and response.background:
+                try:
+                    generation = await self.generation_for(pending.workspace_id, response, pending.request)
+                except Exception:
+                    log.exception("cannot re-run %s", response.id)
+                else:
+                    events = await self._db.call(
+                        self._db.store.events_after, pending.workspace_id, response.id, -1
+                    )
+                    self.submit(pending.workspace_id, builder, generation, events)
+                    log.info("re-queued background response %s", response.id)
+                    continue
+            events = builder.failed("server_error", RESTART_MESSAGE)
+            if not response.background:
+                events = []  # foreground streams are not kept, so there is nothing to append to
+            await self._db.call(
+                self._db.store.save_response, pending.workspace_id, response, events=events, finished=True
+            )
+            log.info("marked interrupted response %s failed", response.id)
+
+    async def generation_for(
+        self, workspace_id: str, response: response_pb2.Response, request: service_pb2.CreateResponseRequest
+    ) -> base.GenerationRequest:
+        """The generation request of a stored response: its stored chain is its context."""
+        context = await self._db.call(self._db.store.load_context, workspace_id, response.id)
+        return base.GenerationRequest(
+            model=request.model,
+            context=context or [],
+            request=request,
+            instructions=request.instructions if request.HasField("instructions") else None,
+        )
+
+    async def shutdown(self, grace: float) -> None:
+        """Lets running responses finish for ``grace`` seconds, then fails the rest."""
+        tasks = {live.task for live in self._live.values() if live.task is not None}
+        if not tasks:
+            return
+        _, still_running = await asyncio.wait(tasks, timeout=grace)
+        for live in list(self._live.values()):
+            if live.task in still_running:
+                live.shutting_down = True
+                live.task.cancel()
+        if still_running:
+            await asyncio.wait(still_running)
+
+    # ------------------------------------------------------------------ one response
+
+    async def _execute(self, live: LiveResponse, generation: base.GenerationRequest) -> None:
+        builder = live.builder
+        started = False
+        try:
+            async with self._slots:
+                started = True
+                start = builder.started()
+                live.publish(start)
+                await self._db.call(
+                    self._db.store.save_response, live.workspace_id, builder.response, events=start
+                )
+                live.persisted = len(live.events)
+                backend = self._router.resolve(generation.model)
+                execution = Execution(builder, backend, generation)
+                try:
+                    async for batch in execution.batches():
+                        live.publish(batch)
+                        self._persist_soon(live)
+                except base.BackendError as error:
+                    live.publish(builder.failed(error.code, error.message))
+        except asyncio.CancelledError:
+            if live.shutting_down and not started:
+                # Never started: stays queued in the store and runs after the next start.
+                self._forget(live)
+                return
+            if live.shutting_down:
+                live.publish(builder.failed("server_error", SHUTDOWN_MESSAGE))
+            elif not builder.finished:
+                builder.cancelled()
+        except Exception:
+            log.exception("background response %s crashed", live.response_id)
+            if not builder.finished:
+                live.publish(
+                    builder.failed("server_error", "The response failed because of an internal error.")
+                )
+        try:
+            await self._persist_all(live)
+            await self._db.call(
+                self._db.store.save_response, live.workspace_id, builder.response, finished=True
+            )
+        except Exception:
+            log.exception("could not store the end of background response %s", live.response_id)
+        finally:
+            self._forget(live)
+
+    def _forget(self, live: LiveResponse) -> None:
+        live.close()
+        self._live.pop(live.response_id, None)
+
+    def _persist_soon(self, live: LiveResponse) -> None:
+        """Writes new events in the background; one write at a time gathers what piled up."""
+        if live.flush_task is None or live.flush_task.done():
+            live.flush_task = asyncio.create_task(self._persist_all(live))
+
+    async def _persist_all(self, live: LiveResponse) -> None:
+        if live.flush_task is not None and live.flush_task is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(live.flush_task)
+        while live.persisted < len(live.events):
+            batch = live.events[live.persisted :]
+            await self._db.call(self._db.store.append_events, live.response_id, batch)
+            live.persisted += len(batch)

@@ -1,0 +1,399 @@
+"""The Responses service: validate → route → load history → run → persist → emit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
+
+from backends import base
+from backends.store import AsyncStore, item_id
+from server import auth, errors
+from server.builder import Event, ResponseBuilder, new_id
+from server.execution import Execution
+from server.routing import Router
+from server.runner import BackgroundRunner, LiveResponse
+from server.validation import check_include, raise_if_any, validate_create
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+_ITEM_ID_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+    "web_search_call": "ws",
+}
+_UNFINISHED = (response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS)
+
+
+@dataclass(slots=True)
+class _Run:
+    """A validated create request, ready to generate."""
+
+    workspace_id: str
+    builder: ResponseBuilder
+    backend: base.Backend
+    generation: base.GenerationRequest
+    input_items: list[response_pb2.Item]
+
+    @property
+    def stored(self) -> bool:
+        return self.builder.response.store
+
+
+class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
+    def __init__(self, db: AsyncStore, router: Router, runner: BackgroundRunner) -> None:
+        self._db = db
+        self._store = db.store
+        self._router = router
+        self._runner = runner
+        # Writes that must outlive a cancelled call.
+        self._detached: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def CreateResponse(
+        self, request: service_pb2.CreateResponseRequest, context: auth.Context
+    ) -> response_pb2.Response:
+        run = await self._prepare(request)
+        if run.builder.response.background:
+            await self._start_background(run)
+            return run.builder.response
+        execution = Execution(run.builder, run.backend, run.generation)
+        async for _ in self._foreground(run, execution):
+            pass
+        if execution.error is not None:
+            raise errors.from_backend(execution.error, run.builder.response.id)
+        return run.builder.response
+
+    async def StreamResponse(
+        self, request: service_pb2.CreateResponseRequest, context: auth.Context
+    ) -> AsyncIterator[Event]:
+        run = await self._prepare(request)
+        if run.builder.response.background:
+            # The response runs on whether or not this caller stays; it may resume later.
+            live = await self._start_background(run)
+            async for event in live.follow(-1):
+                yield event
+            return
+        async for event in self._foreground(run, Execution(run.builder, run.backend, run.generation)):
+            yield event
+
+    async def GetResponse(
+        self, request: service_pb2.GetResponseRequest, context: auth.Context
+    ) -> response_pb2.Response:
+        violations: list[tuple[str, str]] = []
+        check_include(list(request.include), violations)
+        raise_if_any(violations)
+        return await self._get(request.response_id)
+
+    async def ResumeResponseStream(
+        self, request: service_pb2.ResumeResponseStreamRequest, context: auth.Context
+    ) -> AsyncIterator[Event]:
+        workspace_id = auth.workspace_id()
+        response = await self._get(request.response_id)
+        if not response.background:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "Only responses created with 'background': true can be streamed after creation.",
+                reason="NOT_BACKGROUND",
+                param="stream",
+            )
+        after = request.starting_after if request.HasField("starting_after") else -1
+        live = self._runner.live(workspace_id, response.id)
+        if live is not None:
+            async for event in live.follow(after):
+                yield event
+            return
+        for event in await self._db.call(self._store.events_after, workspace_id, response.id, after):
+            yield event
+
+    async def DeleteResponse(
+        self, request: service_pb2.DeleteResponseRequest, context: auth.Context
+    ) -> service_pb2.DeleteResponseResponse:
+        workspace_id = auth.workspace_id()
+        await self._runner.cancel(workspace_id, request.response_id)
+        if not await self._db.call(self._store.delete_response, workspace_id, request.response_id):
+            raise errors.response_not_found(request.response_id)
+        return service_pb2.DeleteResponseResponse(id=request.response_id, object="response", deleted=True)
+
+    async def CancelResponse(
+        self, request: service_pb2.CancelResponseRequest, context: auth.Context
+    ) -> response_pb2.Response:
+        workspace_id = auth.workspace_id()
+        response = await self._get(request.response_id)
+        if not response.background:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "Only responses created with 'background': true can be cancelled.",
+                reason="NOT_BACKGROUND",
+                param="response_id",
+            )
+        cancelled = await self._runner.cancel(workspace_id, response.id)
+        if cancelled is not None:
+            return cancelled
+        if response.status in _UNFINISHED:
+            # Unfinished but run by no one here (another process owned it): settle it in place.
+            response.status = response_pb2.RESPONSE_STATUS_CANCELLED
+            await self._db.call(self._store.save_response, workspace_id, response, finished=True)
+        return response
+
+    async def ListInputItems(
+        self, request: service_pb2.ListInputItemsRequest, context: auth.Context
+    ) -> service_pb2.ListInputItemsResponse:
+        workspace_id = auth.workspace_id()
+        violations: list[tuple[str, str]] = []
+        limit = request.limit if request.HasField("limit") else DEFAULT_PAGE_SIZE
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            violations.append(("limit", f"Invalid 'limit': expected 1 to {MAX_PAGE_SIZE}, got {limit}."))
+        check_include(list(request.include), violations)
+        raise_if_any(violations)
+        after = request.after if request.HasField("after") else None
+        try:
+            page = await self._db.call(
+                self._store.list_input_items,
+                workspace_id,
+                request.response_id,
+                limit=limit,
+                ascending=request.order == service_pb2.ORDER_ASC,
+                after=after,
+            )
+        except LookupError:
+            raise errors.invalid_argument(
+                "after", f"Invalid 'after': no input item '{after}' in response '{request.response_id}'."
+            ) from None
+        if page is None:
+            raise errors.response_not_found(request.response_id)
+        listing = service_pb2.ListInputItemsResponse(object="list", data=page.items, has_more=page.has_more)
+        if page.items:
+            listing.first_id = item_id(page.items[0])
+            listing.last_id = item_id(page.items[-1])
+        return listing
+
+    # ------------------------------------------------------------------ creation
+
+    async def _prepare(self, request: service_pb2.CreateResponseRequest) -> _Run:
+        """Validates a create request and gathers everything its run needs; stores nothing."""
+        workspace_id = auth.workspace_id()
+        validate_create(request)
+        backend = self._router.resolve(request.model)
+        history: list[response_pb2.Item] = []
+        if request.HasField("previous_response_id"):
+            history = await self._history(workspace_id, request.previous_response_id)
+        input_items = await self._normalize_input(workspace_id, request)
+        normalized = service_pb2.CreateResponseRequest()
+        normalized.CopyFrom(request)
+        del normalized.input[:]
+        normalized.input.extend(input_items)
+        generation = base.GenerationRequest(
+            model=request.model,
+            context=[*history, *input_items],
+            request=normalized,
+            instructions=request.instructions if request.HasField("instructions") else None,
+        )
+        try:
+            backend.validate(generation)
+        except base.BackendError as error:
+            raise errors.from_backend(error) from None
+        response = _initial_response(request)
+        return _Run(workspace_id, ResponseBuilder(response), backend, generation, input_items)
+
+    async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
+        previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)
+        if previous is None:
+            raise errors.ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Previous response with id '{previous_response_id}' not found.",
+                reason="PREVIOUS_RESPONSE_NOT_FOUND",
+                param="previous_response_id",
+            )
+        if previous.status in _UNFINISHED or self._runner.live(workspace_id, previous_response_id):
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Previous response '{previous_response_id}' has not finished yet.",
+                reason="PREVIOUS_RESPONSE_IN_PROGRESS",
+                param="previous_response_id",
+            )
+        history = await self._db.call(self._store.load_context, workspace_id, previous_response_id)
+        return history or []
+
+    async def _normalize_input(
+        self, workspace_id: str, request: service_pb2.CreateResponseRequest
+    ) -> list[response_pb2.Item]:
+        """Gives every input item an id and a status, and resolves item references.
+
+        The result is what is stored and listed by ListInputItems, so clients can page through
+        items they sent without ids.
+        """
+        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        found = await self._db.call(self._store.find_items, workspace_id, references) if references else {}
+        items: list[response_pb2.Item] = []
+        for index, original in enumerate(request.input):
+            item = response_pb2.Item()
+            if original.HasField("item_reference"):
+                referenced = found.get(original.item_reference.id)
+                if referenced is None:
+                    raise errors.invalid_argument(
+                        f"input[{index}].id", f"Item with id '{original.item_reference.id}' not found."
+                    )
+                item.CopyFrom(referenced)
+            else:
+                item.CopyFrom(original)
+            kind = item.WhichOneof("item")
+            assert kind is not None  # validated
+            member = getattr(item, kind)
+            if not member.id:
+                member.id = new_id(_ITEM_ID_PREFIXES[kind])
+            if kind == "message":
+                _normalize_message(item.message)
+            elif kind in ("function_call", "function_call_output") and not member.status:
+                member.status = response_pb2.ITEM_STATUS_COMPLETED
+            items.append(item)
+        return items
+
+    async def _start_background(self, run: _Run) -> LiveResponse:
+        builder = run.builder
+        events = builder.created()
+        await self._db.call(
+            self._store.create_response,
+            run.workspace_id,
+            builder.response,
+            run.input_items,
+            request=run.generation.request,
+            events=events,
+        )
+        # The caller gets the queued snapshot; the runner mutates its own copy.
+        running = response_pb2.Response()
+        running.CopyFrom(builder.response)
+        return self._runner.submit(
+            run.workspace_id,
+            ResponseBuilder(running, next_sequence_number=builder.next_sequence_number),
+            run.generation,
+            list(events),
+        )
+
+    async def _foreground(self, run: _Run, execution: Execution) -> AsyncIterator[Event]:
+        """The events of a response generated while its caller waits.
+
+        Lifecycle events are held back until the backend produced something, so a backend that
+        fails at once becomes an error status instead of a stream that starts and fails.
+        """
+        builder = run.builder
+        response = builder.response
+        if run.stored:
+            await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
+        head = builder.created() + builder.started()
+        try:
+            async for batch in execution.batches():
+                for event in head:
+                    yield event
+                head = []
+                for event in batch:
+                    yield event
+        except base.BackendError as error:
+            builder.failed(error.code, error.message)
+            await self._save(run)
+            raise errors.from_backend(error, response.id) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (cancelled, deadline, disconnected): the work stops here.
+            if not builder.finished:
+                builder.cancelled()
+            self._save_detached(run)
+            raise
+        await self._save(run)
+
+    async def _save(self, run: _Run) -> None:
+        if run.stored:
+            await self._db.call(
+                self._store.save_response, run.workspace_id, run.builder.response, finished=True
+            )
+
+    def _save_detached(self, run: _Run) -> None:
+        task = asyncio.get_running_loop().create_task(self._save(run))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def _get(self, response_id: str) -> response_pb2.Response:
+        workspace_id = auth.workspace_id()
+        live = self._runner.live(workspace_id, response_id)
+        if live is not None:
+            snapshot = response_pb2.Response()
+            snapshot.CopyFrom(live.builder.response)
+            return snapshot
+        response = await self._db.call(self._store.get_response, workspace_id, response_id)
+        if response is None:
+            raise errors.response_not_found(response_id)
+        return response
+
+    async def drain(self) -> None:
+        """Waits for detached writes (at shutdown)."""
+        if self._detached:
+            await asyncio.wait(set(self._detached))
+
+
+def _normalize_message(message: response_pb2.Message) -> None:
+    """Stored messages are completed, and an assistant's text is output text."""
+    if not message.status:
+        message.status = response_pb2.ITEM_STATUS_COMPLETED
+    if message.role == response_pb2.ROLE_ASSISTANT:
+        for part in message.content:
+            if part.HasField("input_text"):
+                part.output_text.text = part.input_text.text
+
+
+def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb2.Response:
+    """The Response as it stands before generation: every setting resolved to its default."""
+    response = response_pb2.Response(
+        id=new_id("resp"),
+        object="response",
+        created_at=int(time.time()),
+        status=response_pb2.RESPONSE_STATUS_QUEUED
+        if request.background
+        else response_pb2.RESPONSE_STATUS_IN_PROGRESS,
+        model=request.model,
+        metadata=request.metadata,
+        background=request.background,
+        store=request.store if request.HasField("store") else True,
+        tools=request.tools,
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        truncation=request.truncation or response_pb2.TRUNCATION_DISABLED,
+        service_tier=request.service_tier
+        if request.HasField("service_tier")
+        else response_pb2.SERVICE_TIER_AUTO,
+    )
+    if request.HasField("tool_choice"):
+        response.tool_choice.CopyFrom(request.tool_choice)
+    else:
+        response.tool_choice.mode = response_pb2.TOOL_CHOICE_MODE_AUTO
+    if request.HasField("text"):
+        response.text.CopyFrom(request.text)
+    if not response.text.format.WhichOneof("format"):
+        response.text.format.text.SetInParent()
+    for field in (
+        "instructions",
+        "previous_response_id",
+        "max_output_tokens",
+        "reasoning",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "max_tool_calls",
+        "top_logprobs",
+    ):
+        if request.HasField(field):
+            value = getattr(request, field)
+            if isinstance(value, response_pb2.Reasoning):
+                response.reasoning.CopyFrom(value)
+            else:
+                setattr(response, field, value)
+    return response

@@ -1,0 +1,233 @@
+"""The `venna` command as a user runs it: keys, serve, crash recovery, graceful shutdown,
+health, reflection, and the generated code's freshness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from venna.responses.v1 import response_pb2, service_pb2
+
+from tests.conftest import Client, Venna, async_stub, event_type, output_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def venna_command(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--db", str(db)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    db = tmp_path / "keys.db"
+    created = venna_command("keys", "create", "--workspace", "team-a", db=db)
+    assert created.returncode == 0, created.stderr
+    [key] = created.stdout.splitlines()
+    assert re.fullmatch(r"vk_[A-Za-z0-9_-]{40,}", key)
+
+    listing = venna_command("keys", "list", db=db)
+    assert listing.returncode == 0
+    assert "team-a" in listing.stdout and key not in listing.stdout
+    key_id = re.search(r"key_[0-9a-f]+", listing.stdout)
+    assert key_id is not None
+
+    assert venna_command("keys", "revoke", key_id.group(0), db=db).returncode == 0
+    assert "team-a" in venna_command("keys", "list", db=db).stdout
+    again = venna_command("keys", "revoke", key_id.group(0), db=db)
+    assert again.returncode == 1
+    assert "no active key" in again.stderr
+
+
+@contextmanager
+def running_server(db: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`venna serve` on a free loopback port; yields the process and its address."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--db",
+            str(db),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "VENNA_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"gRPC on (\S+),", line)
+        assert match, f"unexpected start-up line: {line!r}"
+        yield process, match.group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@asynccontextmanager
+async def client_for(address: str, key: str) -> AsyncIterator[Client]:
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Client(async_stub(channel), key)
+    finally:
+        await channel.close(grace=None)
+
+
+async def wait_until(client: Client, response_id: str, *statuses: int) -> response_pb2.Response:
+    deadline = time.monotonic() + 15
+    while True:
+        response = await client.get(response_id)
+        if response.status in statuses:
+            return response
+        assert time.monotonic() < deadline, f"stuck in status {response.status}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_crash_leaves_nothing_queued_or_in_progress(tmp_path: Path) -> None:
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    words = " ".join(f"w{n}" for n in range(300))
+
+    with running_server(db, "--background-concurrency", "1") as (process, address):
+        async with client_for(address, key) as client:
+            running = await client.create(input=words, model="echo:delay_ms=20", background=True)
+            waiting = await client.create(input="run me after the restart", background=True)
+            await wait_until(client, running.id, response_pb2.RESPONSE_STATUS_IN_PROGRESS)
+            seen = []
+            async for event in client.stub.ResumeResponseStream(
+                service_pb2.ResumeResponseStreamRequest(response_id=running.id), metadata=client.metadata
+            ):
+                seen.append(event)
+                if len(seen) == 12:
+                    break
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    with running_server(db) as (_, address):
+        async with client_for(address, key) as client:
+            failed = await client.get(running.id)
+            assert failed.status == response_pb2.RESPONSE_STATUS_FAILED
+            assert failed.error.code == "server_error"
+            replay = await client.resume(running.id)
+            assert [event.sequence_number for event in replay] == list(range(len(replay)))
+            assert replay[: len(seen)] == seen
+            assert event_type(replay[-1]) == "response.failed"
+
+            rerun = await wait_until(client, waiting.id, response_pb2.RESPONSE_STATUS_COMPLETED)
+            assert output_text(rerun) == "run me after the restart"
+            rerun_events = await client.resume(waiting.id)
+            assert [event.sequence_number for event in rerun_events] == list(range(len(rerun_events)))
+            assert [event_type(event) for event in rerun_events[:3]] == [
+                "response.created",
+                "response.queued",
+                "response.in_progress",
+            ]
+
+
+async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    words = " ".join(f"w{n}" for n in range(20))
+
+    with running_server(db, "--shutdown-grace", "5") as (process, address):
+        async with client_for(address, key) as client:
+            call = asyncio.ensure_future(client.create(input=words, model="echo:delay_ms=30"))
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            response = await call
+            assert response.status == response_pb2.RESPONSE_STATUS_COMPLETED
+            assert output_text(response) == words
+        assert process.wait(timeout=10) == 0
+
+
+async def test_health_and_reflection(venna: Venna) -> None:
+    health = health_pb2_grpc.HealthStub(venna.channel)
+    for service in ("", "venna.responses.v1.ResponsesService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def reflect() -> list[str]:
+        with grpc.insecure_channel(venna.server.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = database.get_services()
+            method_names = [
+                method.name
+                for method in database.FindFileContainingSymbol("venna.responses.v1.ResponsesService")
+                .service[0]
+                .method
+            ]
+            return [*services, *method_names]
+
+    found = await asyncio.to_thread(reflect)
+    assert "venna.responses.v1.ResponsesService" in found
+    assert "grpc.health.v1.Health" in found
+    for method in ("CreateResponse", "StreamResponse", "ResumeResponseStream", "ListInputItems"):
+        assert method in found
+
+
+def test_generated_code_is_up_to_date() -> None:
+    check = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_rpc_has_an_http_route() -> None:
+    from google.api import annotations_pb2
+
+    descriptor = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"]
+    routes = {}
+    for method in descriptor.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        verb = rule.WhichOneof("pattern")
+        assert verb, f"{method.name} has no google.api.http route"
+        routes[method.name] = (verb.upper(), getattr(rule, verb))
+    assert routes["CreateResponse"] == ("POST", "/v1/responses")
+    assert routes["ListInputItems"] == ("GET", "/v1/responses/{response_id}/input_items")
+
+
+@pytest.mark.parametrize("argv", [["serve", "--grpc-listen", "256.0.0.1:1"]])
+def test_serve_reports_an_address_it_cannot_bind(tmp_path: Path, argv: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", *argv, "--db", str(tmp_path / "x.db")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "256.0.0.1:1" in result.stderr
