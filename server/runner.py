@@ -1,8 +1,9 @@
 """The durable background runner: runs ``background: true`` responses and keeps their streams.
 
 Durability comes from the store: a background response is stored (with its request and its
-first events) before CreateResponse returns, and every event is persisted shortly after it
-is published. After a crash or restart, ``recover()`` settles what the previous process left:
+first events) before CreateResponse returns, and every later event is persisted *before*
+followers see it, so no client can have seen an event that a crash loses. After a crash or
+restart, ``recover()`` settles what the previous process left:
 
 * a response still **queued** never produced anything, so it is run again from its stored
   request;
@@ -16,7 +17,6 @@ responses up to a grace period, fails the ones still running and leaves queued o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -40,14 +40,16 @@ class LiveResponse:
     def __init__(self, workspace_id: str, builder: ResponseBuilder, events: list[Event]) -> None:
         self.workspace_id = workspace_id
         self.builder = builder
-        # events[n].sequence_number == n: the whole stream from response.created.
+        # Published events, all of them stored: events[n].sequence_number == n, from
+        # response.created on.
         self.events = events
-        self.persisted = len(events)
+        # Events produced but not yet stored, hence not yet shown to followers.
+        self.unpublished: list[Event] = []
         self.done = False
         self.shutting_down = False
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        # The write of new events in flight, if any.
+        # The task storing and then publishing ``unpublished``, if one is running.
         self.flush_task: asyncio.Task[None] | None = None
 
     @property
@@ -177,36 +179,34 @@ class BackgroundRunner:
             async with self._slots:
                 started = True
                 start = builder.started()
-                live.publish(start)
                 await self._db.call(
                     self._db.store.save_response, live.workspace_id, builder.response, events=start
                 )
-                live.persisted = len(live.events)
+                live.publish(start)
                 backend = self._router.resolve(generation.model)
                 execution = Execution(builder, backend, generation)
                 try:
                     async for batch in execution.batches():
-                        live.publish(batch)
-                        self._persist_soon(live)
+                        self._stage(live, batch)
                 except base.BackendError as error:
-                    live.publish(builder.failed(error.code, error.message))
+                    self._stage(live, builder.failed(error.code, error.message))
         except asyncio.CancelledError:
             if live.shutting_down and not started:
                 # Never started: stays queued in the store and runs after the next start.
                 self._forget(live)
                 return
             if live.shutting_down:
-                live.publish(builder.failed("server_error", SHUTDOWN_MESSAGE))
+                self._stage(live, builder.failed("server_error", SHUTDOWN_MESSAGE))
             elif not builder.finished:
                 builder.cancelled()
         except Exception:
             log.exception("background response %s crashed", live.response_id)
             if not builder.finished:
-                live.publish(
-                    builder.failed("server_error", "The response failed because of an internal error.")
+                self._stage(
+                    live, builder.failed("server_error", "The response failed because of an internal error.")
                 )
         try:
-            await self._persist_all(live)
+            await self._drain(live)
             await self._db.call(
                 self._db.store.save_response, live.workspace_id, builder.response, finished=True
             )
@@ -219,16 +219,21 @@ class BackgroundRunner:
         live.close()
         self._live.pop(live.response_id, None)
 
-    def _persist_soon(self, live: LiveResponse) -> None:
-        """Writes new events in the background; one write at a time gathers what piled up."""
+    def _stage(self, live: LiveResponse, events: list[Event]) -> None:
+        """Queues events to be stored, then published; generation does not wait for the write,
+        and one write gathers whatever piled up while the previous one ran."""
+        live.unpublished.extend(events)
         if live.flush_task is None or live.flush_task.done():
-            live.flush_task = asyncio.create_task(self._persist_all(live))
+            live.flush_task = asyncio.create_task(self._flush(live))
 
-    async def _persist_all(self, live: LiveResponse) -> None:
-        if live.flush_task is not None and live.flush_task is not asyncio.current_task():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(live.flush_task)
-        while live.persisted < len(live.events):
-            batch = live.events[live.persisted :]
+    async def _flush(self, live: LiveResponse) -> None:
+        while live.unpublished:
+            batch, live.unpublished = live.unpublished, []
             await self._db.call(self._db.store.append_events, live.response_id, batch)
-            live.persisted += len(batch)
+            live.publish(batch)
+
+    async def _drain(self, live: LiveResponse) -> None:
+        """Waits until every staged event is stored and published."""
+        if live.flush_task is not None:
+            await asyncio.shield(live.flush_task)
+        await self._flush(live)

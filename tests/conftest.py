@@ -124,8 +124,8 @@ async def venna(tmp_path: Path) -> AsyncIterator[Venna]:
     db_path = tmp_path / "venna.db"
     server = VennaServer(start_config(db_path))
     await server.start()
-    alpha_key, _ = server.db.store.create_key("alpha")
-    beta_key, _ = server.db.store.create_key("beta")
+    alpha_key, _ = await server.db.call(server.db.store.create_key, "alpha")
+    beta_key, _ = await server.db.call(server.db.store.create_key, "beta")
     channel = grpc.aio.insecure_channel(server.address)
     stub = async_stub(channel)
     try:

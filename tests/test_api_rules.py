@@ -43,10 +43,10 @@ async def test_missing_bad_and_revoked_keys_are_unauthenticated(venna: Venna) ->
             await venna.client(bad).create(input="hi")
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    store = venna.server.db.store
-    key, record = store.create_key("gamma")
+    db = venna.server.db
+    key, record = await db.call(db.store.create_key, "gamma")
     assert (await venna.client(key).create(input="hi")).status == response_pb2.RESPONSE_STATUS_COMPLETED
-    assert store.revoke_key(record.id)
+    assert await db.call(db.store.revoke_key, record.id)
     with pytest.raises(grpc.aio.AioRpcError) as revoked:
         await venna.client(key).create(input="hi")
     assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -127,7 +127,7 @@ async def test_cancel_a_queued_response_that_never_started(tmp_path: object) -> 
     db_path = Path(str(tmp_path)) / "venna.db"
     server = VennaServer(start_config(db_path, background_concurrency=1))
     await server.start()
-    key, _ = server.db.store.create_key("alpha")
+    key, _ = await server.db.call(server.db.store.create_key, "alpha")
     channel = grpc.aio.insecure_channel(server.address)
     client = Client(async_stub(channel), key)
     try:

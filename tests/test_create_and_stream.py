@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import grpc
 import grpc.aio
@@ -113,6 +114,23 @@ async def test_chaining_rebuilds_the_context_three_deep(venna: Venna) -> None:
     # Each response lists only its own input.
     listing = await venna.alpha.input_items(third.id)
     assert [part.input_text.text for item in listing.data for part in item.message.content] == ["zeta"]
+
+
+async def test_storage_grows_linearly_with_a_conversation(venna: Venna) -> None:
+    response = await venna.alpha.create(input="turn 0")
+    for turn in range(1, 30):
+        response = await venna.alpha.create(input=f"turn {turn}", previous_response_id=response.id)
+    assert response.usage.input_tokens == 30 * 2 + 29 * 2  # the whole history is the context
+
+    with sqlite3.connect(venna.db_path) as db:
+        per_response = db.execute(
+            "SELECT COUNT(*), MAX(LENGTH(body)) FROM items GROUP BY response_id"
+        ).fetchall()
+        body_sizes = [row[0] for row in db.execute("SELECT LENGTH(body) FROM responses ORDER BY created_at")]
+    # One input and one output item per turn, never a copy of the history.
+    assert [count for count, _ in per_response] == [2] * 30
+    assert max(size for _, size in per_response) < 200
+    assert max(body_sizes) - min(body_sizes) < 100
 
 
 async def test_unknown_previous_response_is_not_found_with_a_reason(venna: Venna) -> None:
