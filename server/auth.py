@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -25,7 +26,7 @@ PROTECTED_SERVICE_PREFIX = "/venna.responses.v1.ResponsesService/"
 # The servicer context of a call of any of our RPCs.
 Context = grpc.aio.ServicerContext[Any, Any]
 _Unary = Callable[[Any, Context], Awaitable[Any]]
-_Stream = Callable[[Any, Context], AsyncIterator[Any]]
+_Stream = Callable[[Any, Context], AsyncGenerator[Any, None]]
 
 _workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspace")
 
@@ -101,11 +102,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return unary
 
     def _wrap_stream(self, behavior: _Stream) -> _Stream:
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             try:
                 await self._authenticate(context)
-                async for message in behavior(request, context):
-                    yield message
+                # aclosing: when the call ends early, the handler (and the backend under it)
+                # stops now rather than whenever the abandoned generator is collected.
+                async with aclosing(behavior(request, context)) as messages:
+                    async for message in messages:
+                        yield message
             except ServiceError as error:
                 await _abort(context, error)
             except Exception:

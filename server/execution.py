@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from backends import base
 from server.builder import Event, ResponseBuilder
@@ -25,7 +25,7 @@ class Execution:
         # The failure reported in-band as response.failed, if any.
         self.error: base.BackendError | None = None
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
+    async def batches(self) -> AsyncGenerator[list[Event], None]:
         stream = self.backend.generate(self.generation)
         produced = False
         try:

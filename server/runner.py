@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from venna.responses.v1 import response_pb2, service_pb2
 
@@ -69,7 +69,7 @@ class LiveResponse:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self, after: int) -> AsyncIterator[Event]:
+    async def follow(self, after: int) -> AsyncGenerator[Event, None]:
         """Events with sequence_number > after, then each new one until the response ends."""
         index = max(after + 1, 0)
         while True:
@@ -114,7 +114,9 @@ class BackgroundRunner:
         live = self.live(workspace_id, response_id)
         if live is None or live.task is None:
             return None
-        live.task.cancel()
+        # A response that has just finished is only being stored: let that complete.
+        if not live.builder.finished:
+            live.task.cancel()
         await asyncio.wait({live.task})
         return live.builder.response
 
@@ -164,7 +166,7 @@ class BackgroundRunner:
             return
         _, still_running = await asyncio.wait(tasks, timeout=grace)
         for live in list(self._live.values()):
-            if live.task in still_running:
+            if live.task in still_running and not live.builder.finished:
                 live.shutting_down = True
                 live.task.cancel()
         if still_running:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -68,24 +69,28 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             await self._start_background(run)
             return run.builder.response
         execution = Execution(run.builder, run.backend, run.generation)
-        async for _ in self._foreground(run, execution):
-            pass
+        async with aclosing(self._foreground(run, execution)) as events:
+            async for _ in events:
+                pass
         if execution.error is not None:
             raise errors.from_backend(execution.error, run.builder.response.id)
         return run.builder.response
 
     async def StreamResponse(
         self, request: service_pb2.CreateResponseRequest, context: auth.Context
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         run = await self._prepare(request)
         if run.builder.response.background:
             # The response runs on whether or not this caller stays; it may resume later.
             live = await self._start_background(run)
-            async for event in live.follow(-1):
-                yield event
+            async with aclosing(live.follow(-1)) as events:
+                async for event in events:
+                    yield event
             return
-        async for event in self._foreground(run, Execution(run.builder, run.backend, run.generation)):
-            yield event
+        execution = Execution(run.builder, run.backend, run.generation)
+        async with aclosing(self._foreground(run, execution)) as events:
+            async for event in events:
+                yield event
 
     async def GetResponse(
         self, request: service_pb2.GetResponseRequest, context: auth.Context
@@ -97,7 +102,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     async def ResumeResponseStream(
         self, request: service_pb2.ResumeResponseStreamRequest, context: auth.Context
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         workspace_id = auth.workspace_id()
         response = await self._get(request.response_id)
         if not response.background:
@@ -110,8 +115,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         after = request.starting_after if request.HasField("starting_after") else -1
         live = self._runner.live(workspace_id, response.id)
         if live is not None:
-            async for event in live.follow(after):
-                yield event
+            async with aclosing(live.follow(after)) as events:
+                async for event in events:
+                    yield event
             return
         for event in await self._db.call(self._store.events_after, workspace_id, response.id, after):
             yield event
@@ -215,7 +221,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 reason="PREVIOUS_RESPONSE_NOT_FOUND",
                 param="previous_response_id",
             )
-        if previous.status in _UNFINISHED or self._runner.live(workspace_id, previous_response_id):
+        if previous.status in _UNFINISHED:
             raise errors.ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"Previous response '{previous_response_id}' has not finished yet.",
@@ -280,7 +286,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             list(events),
         )
 
-    async def _foreground(self, run: _Run, execution: Execution) -> AsyncIterator[Event]:
+    async def _foreground(self, run: _Run, execution: Execution) -> AsyncGenerator[Event, None]:
         """The events of a response generated while its caller waits.
 
         Lifecycle events are held back until the backend produced something, so a backend that
@@ -292,12 +298,13 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
         head = builder.created() + builder.started()
         try:
-            async for batch in execution.batches():
-                for event in head:
-                    yield event
-                head = []
-                for event in batch:
-                    yield event
+            async with aclosing(execution.batches()) as batches:
+                async for batch in batches:
+                    for event in head:
+                        yield event
+                    head = []
+                    for event in batch:
+                        yield event
         except base.BackendError as error:
             builder.failed(error.code, error.message)
             await self._save(run)
