@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +36,30 @@ class ServerConfig:
     background_concurrency: int = 64
 
 
+class _CallDetails(grpc.HandlerCallDetails):
+    """The details of a call made in process, as interceptors see them."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+class _HandlerRecorder:
+    """Receives what the generated add_…_to_server registers, so that in-process callers use
+    exactly the handlers the gRPC server serves."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+
 class VennaServer:
     """A running server; ``start()`` binds, ``stop()`` drains and closes."""
 
@@ -44,8 +70,12 @@ class VennaServer:
         self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
         self.service = ResponsesService(self.db, self.router, self.runner)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
-        self.server = grpc.aio.server(interceptors=[AuthInterceptor(self.db)])
+        self.interceptor = AuthInterceptor(self.db)
+        self.server = grpc.aio.server(interceptors=[self.interceptor])
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, self.server)
+        recorder = _HandlerRecorder()
+        service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]
+        self._handlers = recorder.handlers
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -62,30 +92,63 @@ class VennaServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC listening on %s", self.address)
 
+    async def handler(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The handler of a method as the gRPC server would run it, interceptors included."""
+
+        async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+            return self._handlers.get(details.method)
+
+        return await self.interceptor.intercept_service(continuation, _CallDetails(method_path))
+
     @property
     def address(self) -> str:
         host = self.config.grpc_listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls, lets in-flight ones finish within ``grace``, then closes the store."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Stops taking calls and lets in-flight ones (and background work) finish within ``grace``."""
         grace = self.config.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), self.runner.shutdown(grace))
         await self.service.drain()
+
+    def close(self) -> None:
         self.db.close()
 
+    async def stop(self, grace: float | None = None) -> None:
+        await self.drain(grace)
+        self.close()
 
-async def serve(config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    server = VennaServer(config)
-    await server.start()
+
+async def wait_for_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"venna: gRPC on {server.address}, database {config.db_path}", flush=True)
     await stop.wait()
+
+
+async def serve(config: ServerConfig, http_listen: str | None) -> None:
+    """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down gracefully."""
+    from gateway_http.app import create_app
+    from gateway_http.client import InProcessClient
+    from gateway_http.server import HttpServer
+
+    server = VennaServer(config)
+    await server.start()
+    http = None
+    if http_listen:
+        http = HttpServer(create_app(InProcessClient(server.handler)), http_listen, config.shutdown_grace)
+        try:
+            await http.start()
+        except OSError:
+            await server.stop(0)
+            raise
+    where = f", HTTP on http://{http.address}/v1" if http else ""
+    print(f"venna: gRPC on {server.address}{where}, database {config.db_path}", flush=True)
+    await wait_for_signal()
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
-    await server.stop()
+    await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
+    server.close()

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backends.store import Store
-from server.app import ServerConfig, serve
+from server.app import ServerConfig, serve, wait_for_signal
 
 DEFAULTS = ServerConfig()
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 
 def _env(name: str, default: str) -> str:
@@ -45,6 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_db(serve_command)
     serve_command.add_argument(
+        "--http-listen",
+        default=_env("VENNA_HTTP_LISTEN", DEFAULT_HTTP_LISTEN),
+        metavar="HOST:PORT",
+        help=f"HTTP shim address (env VENNA_HTTP_LISTEN; default {DEFAULT_HTTP_LISTEN})",
+    )
+    serve_command.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    serve_command.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("VENNA_SHUTDOWN_GRACE", str(DEFAULTS.shutdown_grace))),
@@ -60,6 +68,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
 
+    http_command = commands.add_parser("http", help="run only the HTTP shim, in front of a gRPC target")
+    http_command.add_argument(
+        "--grpc-target",
+        default=_env("VENNA_GRPC_TARGET", DEFAULTS.grpc_listen),
+        metavar="HOST:PORT",
+        help=f"the Venna gRPC service to call (env VENNA_GRPC_TARGET; default {DEFAULTS.grpc_listen})",
+    )
+    http_command.add_argument(
+        "--http-listen",
+        default=_env("VENNA_HTTP_LISTEN", DEFAULT_HTTP_LISTEN),
+        metavar="HOST:PORT",
+        help=f"HTTP address (env VENNA_HTTP_LISTEN; default {DEFAULT_HTTP_LISTEN})",
+    )
+    http_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
+
     keys = commands.add_parser("keys", help="manage workspace API keys").add_subparsers(
         dest="keys_command", required=True
     )
@@ -74,16 +97,43 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def serve_http(grpc_target: str, http_listen: str) -> None:
+    """The shim alone, calling a Venna gRPC service over a channel."""
+    import grpc.aio
+
+    from gateway_http.app import create_app
+    from gateway_http.client import ChannelClient
+    from gateway_http.server import HttpServer
+
+    channel = grpc.aio.insecure_channel(grpc_target)
+    http = HttpServer(create_app(ChannelClient(channel)), http_listen)
+    await http.start()
+    print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)
+    try:
+        await wait_for_signal()
+    finally:
+        await http.stop()
+        await channel.close(grace=None)
+
+
 def _when(timestamp: int | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if timestamp else "-"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = _build_parser().parse_args(argv)
-    if options.command == "serve":
+    if options.command in ("serve", "http"):
         logging.basicConfig(
             level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    if options.command == "http":
+        try:
+            asyncio.run(serve_http(options.grpc_target, options.http_listen))
+        except (OSError, ValueError) as error:
+            print(f"venna: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if options.command == "serve":
         config = ServerConfig(
             grpc_listen=options.grpc_listen,
             db_path=Path(options.db),
@@ -91,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             background_concurrency=options.background_concurrency,
         )
         try:
-            asyncio.run(serve(config))
-        except OSError as error:
+            asyncio.run(serve(config, None if options.no_http else options.http_listen))
+        except (OSError, ValueError) as error:
             print(f"venna: {error}", file=sys.stderr)
             return 1
         return 0

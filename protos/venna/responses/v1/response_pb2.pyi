@@ -1493,7 +1493,7 @@ class LogProb(_message.Message):
     token: _builtins.str
     logprob: _builtins.float
     @_builtins.property
-    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogProb]: ...
     def __init__(
@@ -1501,7 +1501,7 @@ class LogProb(_message.Message):
         *,
         token: _builtins.str = ...,
         logprob: _builtins.float = ...,
-        bytes: _abc.Iterable[_builtins.bytes] | None = ...,
+        bytes: _abc.Iterable[_builtins.int] | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogProb] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -1524,13 +1524,13 @@ class TopLogProb(_message.Message):
     token: _builtins.str
     logprob: _builtins.float
     @_builtins.property
-    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         logprob: _builtins.float = ...,
-        bytes: _abc.Iterable[_builtins.bytes] | None = ...,
+        bytes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -1,0 +1,184 @@
+"""How the shim reaches the Responses service: always through the gRPC contract.
+
+Two transports behave the same way — same messages, same metadata, same status codes and
+details — so the shim cannot tell them apart:
+
+* ``InProcessClient`` invokes the service's own gRPC method handlers (interceptors included)
+  inside this process: no socket, no serialization. ``venna serve`` uses it.
+* ``ChannelClient`` dials a gRPC target, for a shim in front of a remote fleet.
+
+Methods are found from the service descriptor, so there is no second table of RPCs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+from venna.responses.v1 import service_pb2
+
+SERVICE: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"]
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+Metadata = Sequence[tuple[str, str]]
+
+
+@dataclass
+class CallError(Exception):
+    """A call that ended with a non-OK status, with its google.rpc details when present."""
+
+    code: grpc.StatusCode
+    message: str
+    status: status_pb2.Status | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def method_path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+class ServiceClient(Protocol):
+    async def unary(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Message: ...
+
+    def stream(
+        self, method: MethodDescriptor, request: Message, metadata: Metadata
+    ) -> AsyncGenerator[Message, None]: ...
+
+
+def _status_from_trailers(trailing_metadata: Any) -> status_pb2.Status | None:
+    for key, value in trailing_metadata or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# In process
+
+# Resolves a method path to its handler the way the gRPC server does, interceptors included.
+HandlerLookup = Callable[[str], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+
+
+class _Context:
+    """The part of grpc.aio.ServicerContext the handlers use, for calls made in process."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = tuple(metadata)
+        self._cancelled = False
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise CallError(code, details, _status_from_trailers(trailing_metadata))
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        pass
+
+    def peer(self) -> str:
+        return "in-process"
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+class InProcessClient:
+    """Calls the service's handlers directly; cancelling the caller cancels the handler."""
+
+    def __init__(self, lookup: HandlerLookup) -> None:
+        self._lookup = lookup
+
+    async def _handler(self, method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await self._lookup(method_path(method))
+        if handler is None:
+            raise CallError(grpc.StatusCode.UNIMPLEMENTED, f"Method {method.full_name} is not served.")
+        return handler
+
+    async def unary(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Message:
+        handler = await self._handler(method)
+        assert handler.unary_unary is not None
+        response = await handler.unary_unary(request, _Context(metadata))  # type: ignore[arg-type]
+        assert isinstance(response, Message)
+        return response
+
+    async def stream(
+        self, method: MethodDescriptor, request: Message, metadata: Metadata
+    ) -> AsyncGenerator[Message, None]:
+        handler = await self._handler(method)
+        assert handler.unary_stream is not None
+        messages: AsyncGenerator[Message, None] = handler.unary_stream(request, _Context(metadata))  # type: ignore[arg-type,assignment]
+        try:
+            async for message in messages:
+                yield message
+        finally:
+            await messages.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Over a channel
+
+
+class ChannelClient:
+    """Calls a (possibly remote) gRPC server over one shared channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._unary: dict[str, Any] = {}
+        self._streams: dict[str, Any] = {}
+        for method in SERVICE.methods:
+            path = method_path(method)
+            output = message_class(method.output_type.full_name)
+            if method.server_streaming:
+                self._streams[path] = channel.unary_stream(
+                    path, request_serializer=_serialize, response_deserializer=output.FromString
+                )
+            else:
+                self._unary[path] = channel.unary_unary(
+                    path, request_serializer=_serialize, response_deserializer=output.FromString
+                )
+
+    async def unary(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Message:
+        try:
+            response = await self._unary[method_path(method)](request, metadata=tuple(metadata))
+        except grpc.aio.AioRpcError as error:
+            raise _call_error(error) from None
+        assert isinstance(response, Message)
+        return response
+
+    async def stream(
+        self, method: MethodDescriptor, request: Message, metadata: Metadata
+    ) -> AsyncGenerator[Message, None]:
+        call = self._streams[method_path(method)](request, metadata=tuple(metadata))
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as error:
+            raise _call_error(error) from None
+        finally:
+            call.cancel()  # no-op once the call has ended; stops the server's work otherwise
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def message_class(full_name: str) -> type[Message]:
+    from google.protobuf import symbol_database
+
+    return symbol_database.Default().GetSymbol(full_name)
+
+
+def _call_error(error: grpc.aio.AioRpcError) -> CallError:
+    return CallError(error.code(), error.details() or "", rpc_status.from_call(error))  # type: ignore[arg-type]
