@@ -18,8 +18,6 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from venna.responses.v1 import response_pb2, service_pb2
-
 from backends.base import (
     BackendError,
     BackendEvent,
@@ -31,6 +29,7 @@ from backends.base import (
     TextDelta,
     UsageReport,
 )
+from venna.responses.v1 import response_pb2, service_pb2
 
 MODEL_NAMES = ("echo", "venna-1")
 

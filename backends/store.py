@@ -27,6 +27,7 @@ from typing import ParamSpec, TypeVar
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
+
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 KEY_PREFIX = "vk_"

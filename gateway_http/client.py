@@ -22,6 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
+
 from venna.responses.v1 import service_pb2
 
 SERVICE: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"]

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
+
 from venna.responses.v1 import options_pb2
 
 M = TypeVar("M", bound=Message)

@@ -14,13 +14,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from venna.responses.v1 import service_pb2, service_pb2_grpc
 
 from backends.store import AsyncStore, Store
 from server.auth import AuthInterceptor
 from server.routing import Router, default_router
 from server.runner import BackgroundRunner
 from server.service import ResponsesService
+from venna.responses.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -128,27 +128,3 @@ async def wait_for_signal() -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-
-
-async def serve(config: ServerConfig, http_listen: str | None) -> None:
-    """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down gracefully."""
-    from gateway_http.app import create_app
-    from gateway_http.client import InProcessClient
-    from gateway_http.server import HttpServer
-
-    server = VennaServer(config)
-    await server.start()
-    http = None
-    if http_listen:
-        http = HttpServer(create_app(InProcessClient(server.handler)), http_listen, config.shutdown_grace)
-        try:
-            await http.start()
-        except OSError:
-            await server.stop(0)
-            raise
-    where = f", HTTP on http://{http.address}/v1" if http else ""
-    print(f"venna: gRPC on {server.address}{where}, database {config.db_path}", flush=True)
-    await wait_for_signal()
-    log.info("shutting down (grace %.1fs)", config.shutdown_grace)
-    await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
-    server.close()

@@ -1,4 +1,6 @@
-"""The ``venna`` command: ``serve`` and ``keys``.
+"""The ``venna`` command: ``serve``, ``http`` and ``keys``.
+
+This is where the gRPC service and the HTTP shim are composed; neither imports the other.
 
 Settings come from flags, then ``VENNA_*`` environment variables, then defaults that bind to
 127.0.0.1 and use ``./venna.db``.
@@ -15,8 +17,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc.aio
+
 from backends.store import Store
-from server.app import ServerConfig, serve, wait_for_signal
+from gateway_http.app import create_app
+from gateway_http.client import ChannelClient, InProcessClient
+from gateway_http.server import HttpServer
+from server.app import ServerConfig, VennaServer, wait_for_signal
+
+log = logging.getLogger(__name__)
 
 DEFAULTS = ServerConfig()
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
@@ -97,14 +106,28 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def serve(config: ServerConfig, http_listen: str | None) -> None:
+    """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = VennaServer(config)
+    await server.start()
+    http = None
+    if http_listen:
+        http = HttpServer(create_app(InProcessClient(server.handler)), http_listen, config.shutdown_grace)
+        try:
+            await http.start()
+        except OSError:
+            await server.stop(0)
+            raise
+    where = f", HTTP on http://{http.address}/v1" if http else ""
+    print(f"venna: gRPC on {server.address}{where}, database {config.db_path}", flush=True)
+    await wait_for_signal()
+    log.info("shutting down (grace %.1fs)", config.shutdown_grace)
+    await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
+    server.close()
+
+
 async def serve_http(grpc_target: str, http_listen: str) -> None:
     """The shim alone, calling a Venna gRPC service over a channel."""
-    import grpc.aio
-
-    from gateway_http.app import create_app
-    from gateway_http.client import ChannelClient
-    from gateway_http.server import HttpServer
-
     channel = grpc.aio.insecure_channel(grpc_target)
     http = HttpServer(create_app(ChannelClient(channel)), http_listen)
     await http.start()

@@ -20,13 +20,12 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 
-from venna.responses.v1 import response_pb2, service_pb2
-
 from backends import base
 from backends.store import AsyncStore
 from server.builder import Event, ResponseBuilder
 from server.execution import Execution
 from server.routing import Router
+from venna.responses.v1 import response_pb2, service_pb2
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
-from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 
 from backends import base
 from backends.store import AsyncStore, item_id
@@ -20,6 +19,7 @@ from server.execution import Execution
 from server.routing import Router
 from server.runner import BackgroundRunner, LiveResponse
 from server.validation import check_include, raise_if_any, validate_create
+from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import re
 from collections.abc import Callable
 
 import grpc
-from venna.responses.v1 import response_pb2, service_pb2
 
 from server.errors import ServiceError
+from venna.responses.v1 import response_pb2, service_pb2
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64

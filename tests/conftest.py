@@ -10,9 +10,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 
 from server.app import ServerConfig, VennaServer
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
+
+pytest_plugins = ["tests.http_harness"]
 
 
 @dataclass

@@ -9,9 +9,9 @@ import grpc.aio
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from venna.responses.v1 import response_pb2, service_pb2
 
 from tests.conftest import Client, Venna, user_message
+from venna.responses.v1 import response_pb2, service_pb2
 
 
 def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:

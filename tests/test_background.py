@@ -9,9 +9,9 @@ import time
 import grpc
 import grpc.aio
 import pytest
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 from tests.conftest import Venna, event_type, make_request, output_text
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 SLOW = "echo:delay_ms=40"
 TEN_WORDS = "one two three four five six seven eight nine ten"

@@ -10,9 +10,9 @@ import grpc.aio
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from venna.responses.v1 import events_pb2, response_pb2
 
 from tests.conftest import Venna, event_type, output_text, user_message
+from venna.responses.v1 import events_pb2, response_pb2
 
 COMPLETED = response_pb2.RESPONSE_STATUS_COMPLETED
 

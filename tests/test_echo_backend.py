@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from venna.responses.v1 import response_pb2, service_pb2
 
 from backends.base import (
     BackendError,
@@ -23,6 +22,7 @@ from backends.base import (
     UsageReport,
 )
 from backends.echo import MODEL_NAMES, EchoBackend
+from venna.responses.v1 import response_pb2, service_pb2
 
 REQUIRED = response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_REQUIRED)
 

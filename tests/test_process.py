@@ -19,9 +19,9 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from venna.responses.v1 import response_pb2, service_pb2
 
 from tests.conftest import Client, Venna, async_stub, event_type, output_text
+from venna.responses.v1 import response_pb2, service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
