@@ -58,20 +58,10 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
 
 
 @contextmanager
-def running_server(db: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`venna serve` on a free loopback port; yields the process and its address."""
+def running(*argv: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A `venna` command that serves; yields the process and its start-up line."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--db",
-            str(db),
-            *extra,
-        ],
+        [sys.executable, "-m", "server.cli", *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -80,16 +70,23 @@ def running_server(db: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str
     )
     try:
         assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"gRPC on (\S+),", line)
-        assert match, f"unexpected start-up line: {line!r}"
-        yield process, match.group(1)
+        yield process, process.stdout.readline()
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+@contextmanager
+def running_server(db: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`venna serve` (gRPC only) on a free loopback port; yields the process and its address."""
+    argv = ("serve", "--grpc-listen", "127.0.0.1:0", "--no-http", "--db", str(db), *extra)
+    with running(*argv) as (process, line):
+        match = re.search(r"gRPC on (\S+),", line)
+        assert match, f"unexpected start-up line: {line!r}"
+        yield process, match.group(1)
 
 
 @asynccontextmanager
@@ -166,6 +163,39 @@ async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
             assert response.status == response_pb2.RESPONSE_STATUS_COMPLETED
             assert output_text(response) == words
         assert process.wait(timeout=10) == 0
+
+
+def test_serve_runs_grpc_and_http_and_the_shim_runs_alone(tmp_path: Path) -> None:
+    import openai
+
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    argv = ("serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--db", str(db))
+    with running(*argv) as (_, line):
+        match = re.search(r"gRPC on (\S+), HTTP on (\S+),", line)
+        assert match, line
+        grpc_address, base_url = match.groups()
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
+        first = client.responses.create(model="echo", input="through the in-process shim")
+        assert first.output_text == "through the in-process shim"
+
+        # The same service behind a standalone shim that dials it.
+        with running("http", "--grpc-target", grpc_address, "--http-listen", "127.0.0.1:0") as (
+            shim,
+            shim_line,
+        ):
+            shim_match = re.search(r"HTTP on (\S+),", shim_line)
+            assert shim_match, shim_line
+            remote = openai.OpenAI(base_url=shim_match.group(1), api_key=key, max_retries=0)
+            second = remote.responses.create(
+                model="echo", input="via the channel", previous_response_id=first.id
+            )
+            assert second.output_text == "via the channel"
+            assert second.usage is not None
+            assert second.usage.input_tokens == 4 + 4 + 3
+            assert remote.responses.retrieve(first.id).id == first.id
+            shim.send_signal(signal.SIGTERM)
+            assert shim.wait(timeout=10) == 0
 
 
 async def test_health_and_reflection(venna: Venna) -> None:
