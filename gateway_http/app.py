@@ -195,12 +195,12 @@ class ResponsesHttpApp:
                     400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type"
                 )
         else:
-            method = binding.unary or binding.streaming
-            assert method is not None
-            fields, stream = _query_fields(request, method.input_type, bool(binding.streaming))
-        fields.update(request.path_params)
+            stream = bool(binding.streaming) and _query_bool("stream", request.query_params.get("stream", ""))
         method = binding.streaming if stream and binding.streaming else binding.unary or binding.streaming
         assert method is not None
+        if not binding.has_body:
+            fields = _query_fields(request, method.input_type)
+        fields.update(request.path_params)
         message = self.codec.decode(fields, message_class(method.input_type.full_name))
         metadata = _forwarded_metadata(request)
         if method.server_streaming:
@@ -269,9 +269,12 @@ class ResponsesHttpApp:
                     await queue.put(self._frame(event))
             except CallError as error:
                 await queue.put(self._error_frame(error, last_sequence_number + 1))
+            except Exception:
+                log.exception("event stream failed")
             finally:
                 await events.aclose()
-                await queue.put(None)
+            # Not reached when cancelled: then the consumer is gone and nobody reads the queue.
+            await queue.put(None)
 
         puller = asyncio.create_task(pull())
         try:
@@ -331,18 +334,15 @@ class ResponsesHttpApp:
         return _error_response(error.status_code, message, "invalid_request_error", None, None, _NO_RETRY)
 
 
-def _query_fields(request: Request, message: Descriptor, streamable: bool) -> tuple[dict[str, Any], bool]:
+def _query_fields(request: Request, message: Descriptor) -> dict[str, Any]:
     """Query parameters as JSON values of the request's fields (``include[]=a`` is a list).
 
-    Unknown parameters are ignored, as web APIs commonly do; ``stream`` selects the RPC.
+    Parameters the request does not have (``stream``, which picked the RPC, or ones unknown
+    here) are ignored, as web APIs commonly do.
     """
     fields: dict[str, Any] = {}
-    stream = False
     for raw_key, value in request.query_params.multi_items():
         key = raw_key.removesuffix("[]")
-        if key == "stream" and streamable:
-            stream = _query_bool(key, value)
-            continue
         field = message.fields_by_name.get(key)
         if field is None or key in request.path_params:
             continue
@@ -350,7 +350,7 @@ def _query_fields(request: Request, message: Descriptor, streamable: bool) -> tu
             fields.setdefault(key, []).append(value)
         else:
             fields[key] = _query_value(field, key, value)
-    return fields, stream
+    return fields
 
 
 def _query_bool(key: str, value: str) -> bool:

@@ -347,13 +347,15 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
 
 def _normalize_message(message: response_pb2.Message) -> None:
-    """Stored messages are completed, and an assistant's text is output text."""
+    """Stored messages are completed, an assistant's text is output text, and an image's
+    detail is explicit (``auto`` unless given), as the API reports them."""
     if not message.status:
         message.status = response_pb2.ITEM_STATUS_COMPLETED
-    if message.role == response_pb2.ROLE_ASSISTANT:
-        for part in message.content:
-            if part.HasField("input_text"):
-                part.output_text.text = part.input_text.text
+    for part in message.content:
+        if message.role == response_pb2.ROLE_ASSISTANT and part.HasField("input_text"):
+            part.output_text.text = part.input_text.text
+        elif part.HasField("input_image") and not part.input_image.detail:
+            part.input_image.detail = response_pb2.IMAGE_DETAIL_AUTO
 
 
 def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb2.Response:

@@ -243,6 +243,16 @@ async def test_input_items_get_ids_and_assistant_text_becomes_output_text(venna:
     assert all(item.message.status == response_pb2.ITEM_STATUS_COMPLETED for item in listing.data)
 
 
+async def test_images_are_stored_with_an_explicit_detail(venna: Venna) -> None:
+    message = user_message("what is in this picture")
+    message.message.content.add().input_image.image_url = "data:image/png;base64,iVBORw0KGgo="
+    response = await venna.alpha.create(input=[message])
+    [item] = (await venna.alpha.input_items(response.id)).data
+    image = item.message.content[1].input_image
+    assert image.image_url.startswith("data:image/png")
+    assert image.detail == response_pb2.IMAGE_DETAIL_AUTO
+
+
 async def test_item_reference_resolves_a_stored_item(venna: Venna) -> None:
     first = await venna.alpha.create(input="remember this sentence")
     reference = response_pb2.Item()
