@@ -59,6 +59,10 @@ def _real_oneof(descriptor: Descriptor) -> OneofDescriptor | None:
     return None
 
 
+def _omit_unset(field: FieldDescriptor) -> bool:
+    return bool(field.GetOptions().Extensions[options_pb2.json_omit_unset]) and field.has_presence
+
+
 def _enum_names(enum: EnumDescriptor) -> dict[int, str | None]:
     """number -> JSON string; the zero value (UNSPECIFIED) is null."""
     prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
@@ -127,7 +131,11 @@ class Codec:
         fields = [
             (field.name, self._field_encoder(field))
             for field in descriptor.fields
-            if union is None or field.containing_oneof is not union
+            if (union is None or field.containing_oneof is not union) and not _omit_unset(field)
+        ]
+        # Fields written only while set; the rest are written always (null when unset).
+        sometimes = [
+            (field.name, self._field_encoder(field)) for field in descriptor.fields if _omit_unset(field)
         ]
         union_name = union.name if union else ""
 
@@ -145,6 +153,9 @@ class Codec:
                     result.update(value)
             for name, encode_field in fields:
                 result[name] = encode_field(message)
+            for name, encode_field in sometimes:
+                if message.HasField(name):
+                    result[name] = encode_field(message)
             return result
 
         return encode

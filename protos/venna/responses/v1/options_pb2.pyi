@@ -12,6 +12,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 JSON_TYPE_FIELD_NUMBER: _builtins.int
 JSON_DEFAULT_TYPE_FIELD_NUMBER: _builtins.int
+JSON_OMIT_UNSET_FIELD_NUMBER: _builtins.int
 JSON_VALUE_FIELD_NUMBER: _builtins.int
 json_type: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MessageOptions, _builtins.str]
 """The value of the JSON "type" tag written for (and expected on) this message,
@@ -20,6 +21,10 @@ e.g. "message", "output_text", "response.output_text.delta".
 json_default_type: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.OneofOptions, _builtins.str]
 """The json_type assumed when a JSON object of this union carries no "type" tag
 (OpenAI accepts `{"role": "user", "content": "hi"}` as a message item).
+"""
+json_omit_unset: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""Leave the field out of the JSON while it is unset, instead of writing null: for the
+few fields the API reports as absent rather than null (Response.usage before it is known).
 """
 json_value: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
 """The JSON string for this enum value when it is not the lower-cased value name

@@ -391,7 +391,9 @@ class Response(_message.Message):
     @_builtins.property
     def output(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Absent until the response has finished."""
+
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
