@@ -24,9 +24,12 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as Message_
 
 from gateway_http.client import SERVICE, CallError, Metadata, ServiceClient, message_class
 from gateway_http.codec import Codec, CodecError
@@ -57,10 +60,9 @@ _HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
 _REASONS: dict[str, tuple[int, str, str]] = {
     # OpenAI answers an unknown previous_response_id with 400, not 404.
     "PREVIOUS_RESPONSE_NOT_FOUND": (400, "invalid_request_error", "previous_response_not_found"),
-    "QUOTA_EXCEEDED": (429, "insufficient_quota", "insufficient_quota"),
+    "INSUFFICIENT_QUOTA": (429, "insufficient_quota", "insufficient_quota"),
     "INVALID_API_KEY": (401, "invalid_request_error", "invalid_api_key"),
     "MISSING_API_KEY": (401, "invalid_request_error", "missing_api_key"),
-    "INVALID_REQUEST": (400, "invalid_request_error", "invalid_value"),
 }
 
 
@@ -129,6 +131,26 @@ def call_error_response(error: CallError) -> JSONResponse:
     return _error_response(status, message, type_, param, code, headers)
 
 
+class RequestIdMiddleware:
+    """Gives every reply an ``x-request-id``, as OpenAI's API does (SDKs surface it on errors)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ("req_" + secrets.token_hex(16)).encode()
+
+        async def send_with_id(message: Message_) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -161,13 +183,16 @@ class ResponsesHttpApp:
                 "/v1/{rest:path}", self._not_implemented, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]
             ),
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_exception})
+        return Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},
+            middleware=[Middleware(RequestIdMiddleware)],
+        )
 
     # ------------------------------------------------------------------ endpoints
 
     def _endpoint(self, binding: _Binding) -> Any:
         async def endpoint(request: Request) -> Response:
-            request_id = "req_" + secrets.token_hex(16)
             try:
                 response = await self._handle(binding, request)
             except _BadRequest as error:
@@ -180,7 +205,6 @@ class ResponsesHttpApp:
                 )
             except CallError as error:
                 response = call_error_response(error)
-            response.headers["x-request-id"] = request_id
             return response
 
         return endpoint

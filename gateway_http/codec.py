@@ -324,16 +324,34 @@ class Codec:
                 raise _invalid_type(path, "an object", data)
             container = getattr(target, name)
             for key, value in data.items():
+                _check_unicode(key, path)
                 container[key] = convert_value(value, f"{path}.{key}")
 
         return decode_map
+
+
+def _check_unicode(text: str, path: str) -> None:
+    """JSON may escape lone UTF-16 surrogates ("\\ud800"), which no proto string can hold."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise CodecError(
+                path, f"Invalid value for '{path}': not valid Unicode text.", "invalid_value"
+            ) from None
 
 
 def _decode_struct(target: Message, data: Any, path: str) -> None:
     if not isinstance(data, dict):
         raise _invalid_type(path, "an object", data)
     assert isinstance(target, struct_pb2.Struct)
-    target.update(data)
+    try:
+        target.update(data)
+    except (ValueError, TypeError):
+        # Struct holds only JSON: the one way to fail here is text that is not valid Unicode.
+        raise CodecError(
+            path, f"Invalid value for '{path}': not valid Unicode text.", "invalid_value"
+        ) from None
 
 
 _INT_LIMITS = {
@@ -352,6 +370,7 @@ def _scalar_converter(field: FieldDescriptor) -> Callable[[Any, str], Any]:
         def to_string(value: Any, path: str) -> str:
             if not isinstance(value, str):
                 raise _invalid_type(path, "a string", value)
+            _check_unicode(value, path)
             return value
 
         return to_string

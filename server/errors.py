@@ -68,7 +68,7 @@ class ServiceError(Exception):
         return rpc_status.to_status(status)
 
 
-def invalid_argument(param: str, message: str, reason: str = "INVALID_REQUEST") -> ServiceError:
+def invalid_argument(param: str, message: str, reason: str = "INVALID_VALUE") -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, reason=reason, param=param)
 
 
@@ -101,7 +101,7 @@ def from_backend(error: BackendError, response_id: str | None = None) -> Service
     return ServiceError(
         _BACKEND_CODES[error.kind],
         error.message,
-        reason=error.kind.name,
+        reason=error.code.upper(),  # OpenAI's code, e.g. invalid_value, insufficient_quota
         param=error.param,
         metadata=metadata,
     )

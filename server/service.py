@@ -18,7 +18,7 @@ from server.builder import Event, ResponseBuilder, new_id
 from server.execution import Execution
 from server.routing import Router
 from server.runner import BackgroundRunner, LiveResponse
-from server.validation import check_include, raise_if_any, validate_create
+from server.validation import Violation, check_include, raise_if_any, validate_create
 from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def GetResponse(
         self, request: service_pb2.GetResponseRequest, context: auth.Context
     ) -> response_pb2.Response:
-        violations: list[tuple[str, str]] = []
+        violations: list[Violation] = []
         check_include(list(request.include), violations)
         raise_if_any(violations)
         return await self._get(request.response_id)
@@ -156,10 +156,12 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         self, request: service_pb2.ListInputItemsRequest, context: auth.Context
     ) -> service_pb2.ListInputItemsResponse:
         workspace_id = auth.workspace_id()
-        violations: list[tuple[str, str]] = []
+        violations: list[Violation] = []
         limit = request.limit if request.HasField("limit") else DEFAULT_PAGE_SIZE
         if not 1 <= limit <= MAX_PAGE_SIZE:
-            violations.append(("limit", f"Invalid 'limit': expected 1 to {MAX_PAGE_SIZE}, got {limit}."))
+            violations.append(
+                Violation("limit", f"Invalid 'limit': expected 1 to {MAX_PAGE_SIZE}, got {limit}.")
+            )
         check_include(list(request.include), violations)
         raise_if_any(violations)
         after = request.after if request.HasField("after") else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -18,8 +19,20 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MIN_MAX_OUTPUT_TOKENS = 16
-# Records a violation of ``field`` with ``message`` unless ``ok``.
-_Check = Callable[[bool, str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    field: str
+    message: str
+    # ErrorInfo reason; its lower-case form is OpenAI's error ``code``.
+    reason: str = "INVALID_VALUE"
+
+
+MISSING = "MISSING_REQUIRED_PARAMETER"
+
+# Records a violation of ``field`` with ``message`` (and a reason) unless ``ok``.
+_Check = Callable[..., None]
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 # OpenAI's IncludeEnum.
@@ -37,35 +50,37 @@ INCLUDABLE = frozenset(
 )
 
 
-def check_include(include: list[str] | tuple[str, ...], violations: list[tuple[str, str]]) -> None:
+def check_include(include: list[str] | tuple[str, ...], violations: list[Violation]) -> None:
     for value in include:
         if value not in INCLUDABLE:
             violations.append(
-                ("include", f"Invalid value '{value}': expected one of {', '.join(sorted(INCLUDABLE))}.")
+                Violation(
+                    "include", f"Invalid value '{value}': expected one of {', '.join(sorted(INCLUDABLE))}."
+                )
             )
 
 
-def raise_if_any(violations: list[tuple[str, str]]) -> None:
+def raise_if_any(violations: list[Violation]) -> None:
     if violations:
-        field, message = violations[0]
+        first = violations[0]
         raise ServiceError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            message if len(violations) == 1 else f"{message} (and {len(violations) - 1} more)",
-            reason="INVALID_REQUEST",
-            param=field,
-            violations=violations,
+            first.message if len(violations) == 1 else f"{first.message} (and {len(violations) - 1} more)",
+            reason=first.reason,
+            param=first.field,
+            violations=[(violation.field, violation.message) for violation in violations],
         )
 
 
 def validate_create(request: service_pb2.CreateResponseRequest) -> None:
     """Raises INVALID_ARGUMENT with a BadRequest listing every field violation."""
-    violations: list[tuple[str, str]] = []
+    violations: list[Violation] = []
 
-    def check(ok: bool, field: str, message: str) -> None:
+    def check(ok: bool, field: str, message: str, reason: str = "INVALID_VALUE") -> None:
         if not ok:
-            violations.append((field, message))
+            violations.append(Violation(field, message, reason))
 
-    check(bool(request.model), "model", "Missing required parameter: 'model'.")
+    check(bool(request.model), "model", "Missing required parameter: 'model'.", MISSING)
     check(
         len(request.metadata) <= MAX_METADATA_PAIRS,
         "metadata",
@@ -127,7 +142,12 @@ def _check_input(request: service_pb2.CreateResponseRequest, check: _Check) -> N
             check(False, where, f"Invalid '{where}': the item has no type.")
         elif kind == "message":
             message = item.message
-            check(message.role != response_pb2.ROLE_UNSPECIFIED, f"{where}.role", f"Missing '{where}.role'.")
+            check(
+                message.role != response_pb2.ROLE_UNSPECIFIED,
+                f"{where}.role",
+                f"Missing '{where}.role'.",
+                MISSING,
+            )
             for part_index, part in enumerate(message.content):
                 check(
                     part.WhichOneof("part") is not None,
@@ -143,12 +163,17 @@ def _check_input(request: service_pb2.CreateResponseRequest, check: _Check) -> N
                     )
         elif kind == "function_call":
             call = item.function_call
-            check(bool(call.call_id), f"{where}.call_id", f"Missing '{where}.call_id'.")
-            check(bool(call.name), f"{where}.name", f"Missing '{where}.name'.")
+            check(bool(call.call_id), f"{where}.call_id", f"Missing '{where}.call_id'.", MISSING)
+            check(bool(call.name), f"{where}.name", f"Missing '{where}.name'.", MISSING)
         elif kind == "function_call_output":
-            check(bool(item.function_call_output.call_id), f"{where}.call_id", f"Missing '{where}.call_id'.")
+            check(
+                bool(item.function_call_output.call_id),
+                f"{where}.call_id",
+                f"Missing '{where}.call_id'.",
+                MISSING,
+            )
         elif kind == "item_reference":
-            check(bool(item.item_reference.id), f"{where}.id", f"Missing '{where}.id'.")
+            check(bool(item.item_reference.id), f"{where}.id", f"Missing '{where}.id'.", MISSING)
 
 
 def _check_tools(request: service_pb2.CreateResponseRequest, check: _Check) -> None:
