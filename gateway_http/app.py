@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_KEEPALIVE_SECONDS = 15.0
 _NO_RETRY = {"x-should-retry": "false"}
+# Request parameters of OpenAI's API that Venna does not implement: null is taken as "not
+# given" (clients echo them back that way), any other value is refused by name.
+_UNSUPPORTED_PARAMETERS = frozenset(
+    {
+        "conversation",
+        "prompt",
+        "context_management",
+        "moderation",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+    }
+)
 
 # gRPC status -> (HTTP status, OpenAI error type); as in DESIGN.md's table.
 _HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -212,8 +224,16 @@ class ResponsesHttpApp:
     async def _handle(self, binding: _Binding, request: Request) -> Response:
         if binding.has_body:
             fields = await self._json_body(request)
-            stream = fields.pop("stream", False)
+            stream = fields.pop("stream", None) or False
             fields.pop("stream_options", None)  # obfuscation padding is not sent, so nothing to switch off
+            for name in _UNSUPPORTED_PARAMETERS.intersection(fields):
+                if fields.pop(name) is not None:
+                    raise _BadRequest(
+                        400,
+                        f"The '{name}' parameter is not supported by Venna.",
+                        name,
+                        "unsupported_parameter",
+                    )
             if not isinstance(stream, bool):
                 raise _BadRequest(
                     400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type"
@@ -400,7 +420,14 @@ def _query_value(field: FieldDescriptor, key: str, value: str) -> Any:
 
 def _forwarded_metadata(request: Request) -> Metadata:
     authorization = request.headers.get("authorization")
-    return (("authorization", authorization),) if authorization else ()
+    if not authorization:
+        return ()
+    # gRPC metadata values are printable ASCII; no valid key is anything else.
+    if not (authorization.isascii() and authorization.isprintable()):
+        raise _BadRequest(
+            401, "Invalid API key: the Authorization header is malformed.", None, "invalid_api_key"
+        )
+    return (("authorization", authorization),)
 
 
 def create_app(client: ServiceClient, **options: Any) -> Starlette:

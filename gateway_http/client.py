@@ -26,6 +26,12 @@ from grpc_status import rpc_status
 from venna.responses.v1 import service_pb2
 
 SERVICE: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"]
+# Large enough for any request body the shim accepts (gRPC's default is 4 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Metadata = Sequence[tuple[str, str]]
@@ -129,6 +135,11 @@ class InProcessClient:
 
 # ---------------------------------------------------------------------------------------------
 # Over a channel
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    """A channel to a Venna gRPC service, with message limits that fit the shim's."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 class ChannelClient:

@@ -24,6 +24,7 @@ from venna.responses.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_name
 
 
@@ -71,7 +72,11 @@ class VennaServer:
         self.service = ResponsesService(self.db, self.router, self.runner)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
         self.interceptor = AuthInterceptor(self.db)
-        self.server = grpc.aio.server(interceptors=[self.interceptor])
+        self.server = grpc.aio.server(
+            interceptors=[self.interceptor],
+            # Requests may carry long histories and inline files; gRPC's default is 4 MiB.
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, self.server)
         recorder = _HandlerRecorder()
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]

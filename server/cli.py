@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc.aio
-
 from backends.store import Store
 from gateway_http.app import create_app
-from gateway_http.client import ChannelClient, InProcessClient
+from gateway_http.client import ChannelClient, InProcessClient, open_channel
 from gateway_http.server import HttpServer
 from server.app import ServerConfig, VennaServer, wait_for_signal
 
@@ -128,7 +126,7 @@ async def serve(config: ServerConfig, http_listen: str | None) -> None:
 
 async def serve_http(grpc_target: str, http_listen: str) -> None:
     """The shim alone, calling a Venna gRPC service over a channel."""
-    channel = grpc.aio.insecure_channel(grpc_target)
+    channel = open_channel(grpc_target)
     http = HttpServer(create_app(ChannelClient(channel)), http_listen)
     await http.start()
     print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc.aio
 import pytest
 
 from gateway_http.app import create_app
-from gateway_http.client import ChannelClient, InProcessClient, ServiceClient
+from gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
 from gateway_http.server import HttpServer
 from server.app import ServerConfig, VennaServer
 
@@ -76,7 +75,7 @@ class HttpVenna:
         channel = None
         client: ServiceClient
         if self.transport == "channel":
-            channel = grpc.aio.insecure_channel(server.address)
+            channel = open_channel(server.address)
             client = ChannelClient(channel)
         else:
             client = InProcessClient(server.handler)

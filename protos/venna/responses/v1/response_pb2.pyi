@@ -260,6 +260,24 @@ ROLE_SYSTEM: Role.ValueType  # 3
 ROLE_DEVELOPER: Role.ValueType  # 4
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _MessagePhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessagePhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessagePhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGE_PHASE_UNSPECIFIED: _MessagePhase.ValueType  # 0
+    MESSAGE_PHASE_COMMENTARY: _MessagePhase.ValueType  # 1
+    MESSAGE_PHASE_FINAL_ANSWER: _MessagePhase.ValueType  # 2
+
+class MessagePhase(_MessagePhase, metaclass=_MessagePhaseEnumTypeWrapper):
+    """What an assistant message is for."""
+
+MESSAGE_PHASE_UNSPECIFIED: MessagePhase.ValueType  # 0
+MESSAGE_PHASE_COMMENTARY: MessagePhase.ValueType  # 1
+MESSAGE_PHASE_FINAL_ANSWER: MessagePhase.ValueType  # 2
+Global___MessagePhase: _TypeAlias = MessagePhase  # noqa: Y015
+
 class _ImageDetail:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1186,9 +1204,12 @@ class Message(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     role: Global___Role.ValueType
     status: Global___ItemStatus.ValueType
+    phase: Global___MessagePhase.ValueType
+    """For assistant messages of models that label them: commentary or the final answer."""
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]: ...
     def __init__(
@@ -1198,12 +1219,15 @@ class Message(_message.Message):
         role: Global___Role.ValueType = ...,
         content: _abc.Iterable[Global___ContentPart] | None = ...,
         status: Global___ItemStatus.ValueType = ...,
+        phase: Global___MessagePhase.ValueType | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_phase", b"_phase", "phase", b"phase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "id", b"id", "role", b"role", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_phase", b"_phase", "content", b"content", "id", b"id", "phase", b"phase", "role", b"role", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__phase: _TypeAlias = _typing.Literal["phase"]  # noqa: Y015
+    _WhichOneofArgType__phase: _TypeAlias = _typing.Literal["_phase", b"_phase"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__phase) -> _WhichOneofReturnType__phase | None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
 
