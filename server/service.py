@@ -105,13 +105,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     ) -> AsyncGenerator[Event, None]:
         workspace_id = auth.workspace_id()
         response = await self._get(request.response_id)
-        if not response.background:
-            raise errors.ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "Only responses created with 'background': true can be streamed after creation.",
-                reason="NOT_BACKGROUND",
-                param="stream",
-            )
+        _require_background(response, "streamed after creation", param="stream")
         after = request.starting_after if request.HasField("starting_after") else -1
         live = self._runner.live(workspace_id, response.id)
         if live is not None:
@@ -136,13 +130,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     ) -> response_pb2.Response:
         workspace_id = auth.workspace_id()
         response = await self._get(request.response_id)
-        if not response.background:
-            raise errors.ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "Only responses created with 'background': true can be cancelled.",
-                reason="NOT_BACKGROUND",
-                param="response_id",
-            )
+        _require_background(response, "cancelled", param="response_id")
         cancelled = await self._runner.cancel(workspace_id, response.id)
         if cancelled is not None:
             return cancelled
@@ -346,6 +334,16 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         """Waits for detached writes (at shutdown)."""
         if self._detached:
             await asyncio.wait(set(self._detached))
+
+
+def _require_background(response: response_pb2.Response, action: str, *, param: str) -> None:
+    if not response.background:
+        raise errors.ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"Only responses created with 'background': true can be {action}.",
+            reason="NOT_BACKGROUND",
+            param=param,
+        )
 
 
 def _normalize_message(message: response_pb2.Message) -> None:

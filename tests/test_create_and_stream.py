@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tests.conftest import Venna, event_type, output_text, user_message
+from tests.streams import MESSAGE_EVENTS
 from venna.responses.v1 import events_pb2, response_pb2
 
 COMPLETED = response_pb2.RESPONSE_STATUS_COMPLETED
@@ -61,20 +62,7 @@ async def test_stream_follows_the_canonical_order(venna: Venna) -> None:
     events = await venna.alpha.stream(input="one two three")
 
     assert [event.sequence_number for event in events] == list(range(len(events)))
-    types = [event_type(event) for event in events]
-    assert types == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        "response.output_text.delta",
-        "response.output_text.delta",
-        "response.output_text.delta",
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
+    assert [event_type(event) for event in events] == MESSAGE_EVENTS
     deltas = [event.output_text_delta.delta for event in events if event.HasField("output_text_delta")]
     assert deltas == ["one", " two", " three"]
     added = events[2].output_item_added

@@ -26,22 +26,8 @@ from openai.types.responses import (
 
 from tests.http_harness import TRANSPORTS, HttpVenna
 from tests.openai_schema import validate, validate_event
+from tests.streams import MESSAGE_EVENTS
 
-TERMINAL_EVENTS = {"response.completed", "response.failed", "response.incomplete", "error"}
-# The events of a response that writes one message of three words, in their canonical order.
-MESSAGE_EVENTS = [
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    "response.output_text.delta",
-    "response.output_text.delta",
-    "response.output_text.delta",
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.output_item.done",
-    "response.completed",
-]
 WEATHER_TOOL: FunctionToolParam = {
     "type": "function",
     "name": "get_weather",

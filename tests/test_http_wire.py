@@ -18,21 +18,8 @@ import pytest
 
 from tests.http_harness import TRANSPORTS, HttpVenna
 from tests.openai_schema import validate, validate_event
+from tests.streams import MESSAGE_EVENTS, TERMINAL_EVENTS
 
-TERMINAL_EVENTS = {"response.completed", "response.failed", "response.incomplete", "error"}
-MESSAGE_EVENTS = [
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    "response.output_text.delta",
-    "response.output_text.delta",
-    "response.output_text.delta",
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.output_item.done",
-    "response.completed",
-]
 WEATHER_TOOL = {
     "type": "function",
     "name": "get_weather",
