@@ -116,6 +116,7 @@ class VennaServer:
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), self.runner.shutdown(grace))
         await self.service.drain()
+        await self.router.aclose()
 
     def close(self) -> None:
         self.db.close()

@@ -104,6 +104,12 @@ class ResponseBuilder:
             case base.ReasoningTextDelta(text=text):
                 return self._reasoning_text(text)
             case base.ReasoningEncryptedContent(content=content):
+                # Upstreams may send it once later items have begun: it belongs to the last
+                # reasoning item, not to a new one.
+                reasoning = self._latest("reasoning")
+                if reasoning is not None:
+                    reasoning.reasoning.encrypted_content = content
+                    return []
                 events = self._open_item("reasoning")
                 self._item().reasoning.encrypted_content = content
                 return events
@@ -154,6 +160,12 @@ class ResponseBuilder:
         return events
 
     def _annotation(self, annotation: response_pb2.Annotation) -> list[Event]:
+        if self._open is None or self._open.kind != "message":
+            # A late citation of a message already closed: it belongs to that message's text.
+            latest = self._latest("message")
+            if latest is not None and latest.message.content:
+                latest.message.content[-1].output_text.annotations.append(annotation)
+                return []
         events = self._open_item("message")
         events += self._open_part("output_text")
         assert self._open is not None
@@ -294,6 +306,13 @@ class ResponseBuilder:
         return events
 
     # ------------------------------------------------------------------ items
+
+    def _latest(self, kind: str) -> response_pb2.Item | None:
+        """The last output item of ``kind``, open or closed."""
+        for item in reversed(self.response.output):
+            if item.WhichOneof("item") == kind:
+                return item
+        return None
 
     def _item(self) -> response_pb2.Item:
         assert self._open is not None

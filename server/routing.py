@@ -1,7 +1,8 @@
 """Which backend serves a model name.
 
 A model name is a base name optionally followed by ``:``-separated options
-(``echo:delay_ms=50``); the base name picks the backend, and the backend checks the options.
+(``echo:delay_ms=50``), or a provider prefix and the provider's model (``venice/qwen3``); the
+base name or prefix picks the backend, and the backend checks the rest.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ class Router:
     def __init__(self, backends: Mapping[str, Backend]) -> None:
         self._backends = dict(backends)
 
+    async def aclose(self) -> None:
+        """Releases what backends hold (connection pools), once each."""
+        for backend in {id(backend): backend for backend in self._backends.values()}.values():
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
+
     @property
     def models(self) -> list[str]:
         return sorted(self._backends)
 
     def resolve(self, model: str) -> Backend:
-        backend = self._backends.get(model.split(":", 1)[0])
+        backend = self._backends.get(_base_name(model))
         if backend is None:
             raise invalid_argument(
                 "model",
@@ -33,9 +41,21 @@ class Router:
         return backend
 
 
+def _base_name(model: str) -> str:
+    """``echo:delay_ms=5`` -> ``echo``; ``venice/qwen3:suffix`` -> ``venice`` (a provider prefix)."""
+    head = model.split(":", 1)[0]
+    return head.split("/", 1)[0]
+
+
 def default_router() -> Router:
     """The built-in backends; imported here so that a deployment pays only for what it routes."""
+    import os
+
     from backends.echo import MODEL_NAMES, EchoBackend
+    from backends.venice import DEFAULT_BASE_URL, VeniceBackend
 
     echo = EchoBackend()
-    return Router(dict.fromkeys(MODEL_NAMES, echo))
+    venice = VeniceBackend(
+        os.environ.get("VENICE_BASE_URL") or DEFAULT_BASE_URL, os.environ.get("VENICE_API_KEY", "")
+    )
+    return Router({**dict.fromkeys(MODEL_NAMES, echo), "venice": venice})

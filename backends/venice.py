@@ -1,0 +1,546 @@
+"""Venice.ai's Responses endpoint as a backend: a stateful API on a stateless upstream.
+
+The upstream keeps nothing, so every call sends the full rebuilt context; ``instructions``
+become a leading system message; Venna's own fields (store, background, metadata,
+previous_response_id) never go up. Venice's dialect is translated both ways: nested function
+tools and tool_choice going up; ``response.reasoning.delta``, plain-string reasoning summaries,
+``response.web_search.done`` and ``[DONE]`` coming down. The upstream is always asked to stream,
+so there is one translation path, and the first event reaches the client as early as possible.
+
+Failures are mapped to Venna's error kinds: the caller's mistakes stay 400s with the upstream's
+message, our own key's rejection is a server-side error (never the caller's 401), rate limits
+carry the upstream's retry hint. Connect errors, 429, 502, 503 and 504 are retried with
+exponential backoff and jitter — only before anything has been produced, and never other 4xx,
+which Venice counts against the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import httpx
+
+from backends import base
+from venna.responses.v1 import response_pb2
+
+MODEL_PREFIX = "venice/"
+DEFAULT_BASE_URL = "https://api.venice.ai/api/v1"
+_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+# A Retry-After longer than this is handed to the caller rather than waited out.
+_MAX_RETRY_WAIT = 10.0
+
+
+class VeniceBackend:
+    """Serves ``venice/<upstream-model>`` through one pooled HTTP client."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str = "",
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 3,
+        backoff_base: float = 0.25,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    def validate(self, request: base.GenerationRequest) -> None:
+        if not upstream_model(request.model):
+            raise base.BackendError(
+                base.ErrorKind.INVALID_REQUEST,
+                f"Invalid 'model': expected '{MODEL_PREFIX}<model>', got '{request.model}'.",
+                code="invalid_value",
+                param="model",
+            )
+        text_format = (
+            request.request.text.format.WhichOneof("format") if request.request.HasField("text") else None
+        )
+        if text_format not in (None, "text"):
+            raise base.BackendError(
+                base.ErrorKind.INVALID_REQUEST,
+                "Structured output ('text.format' other than 'text') is not supported by Venice's "
+                "Responses API.",
+                code="unsupported_parameter",
+                param="text.format",
+            )
+
+    async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
+        if not self._api_key:
+            raise base.BackendError(
+                base.ErrorKind.UNAVAILABLE,
+                "The Venice backend has no API key (set VENICE_API_KEY).",
+                code="server_error",
+            )
+        body = upstream_request(request)
+        response = await self._open(body)
+        try:
+            translator = _StreamTranslator()
+            async for event_type, payload in _sse_events(response):
+                for event in translator.translate(event_type, payload):
+                    yield event
+                if translator.finished:
+                    return
+            if not translator.finished:
+                raise base.BackendError(
+                    base.ErrorKind.UNAVAILABLE,
+                    "The upstream stream ended before the response was complete.",
+                    code="server_error",
+                )
+        except httpx.TimeoutException:
+            raise base.BackendError(
+                base.ErrorKind.TIMEOUT, "The upstream model timed out.", code="server_error"
+            ) from None
+        except httpx.HTTPError as error:
+            raise base.BackendError(
+                base.ErrorKind.UNAVAILABLE, f"The upstream stream failed: {error}.", code="server_error"
+            ) from None
+        finally:
+            # Closing the response closes the upstream connection: cancellation reaches Venice.
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _open(self, body: dict[str, Any]) -> httpx.Response:
+        """Starts the upstream stream, retrying what is safe to retry; raises mapped errors."""
+        headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
+        for attempt in range(1, self._max_attempts + 1):
+            last = attempt == self._max_attempts
+            try:
+                request = self._client.build_request(
+                    "POST", f"{self.base_url}/responses", json=body, headers=headers
+                )
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException:
+                if last:
+                    raise base.BackendError(
+                        base.ErrorKind.TIMEOUT,
+                        "The upstream model did not answer in time.",
+                        code="server_error",
+                    ) from None
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            except httpx.TransportError as error:
+                if last:
+                    raise base.BackendError(
+                        base.ErrorKind.UNAVAILABLE,
+                        f"Cannot reach the upstream model: {error}.",
+                        code="server_error",
+                    ) from None
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            if response.is_success:
+                return response
+            await response.aread()
+            await response.aclose()
+            retry_after = _retry_after(response)
+            if response.status_code in _RETRIED_STATUSES and not last:
+                wait = self._backoff(attempt, retry_after)
+                if wait <= _MAX_RETRY_WAIT:
+                    await asyncio.sleep(wait)
+                    continue
+            raise _upstream_error(response, retry_after)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        delay: float = self._backoff_base * 2 ** (attempt - 1)
+        return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+def upstream_model(model: str) -> str:
+    """The upstream's model name (feature suffixes kept), or '' if the name is not ours."""
+    return model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Request translation
+
+
+def upstream_request(request: base.GenerationRequest) -> dict[str, Any]:
+    """The JSON body Venice receives: the whole context, in Venice's dialect."""
+    settings = request.request
+    items: list[dict[str, Any]] = []
+    if request.instructions:
+        items.append(_message("system", [{"type": "input_text", "text": request.instructions}]))
+    items += [translated for item in request.context if (translated := _item(item)) is not None]
+    body: dict[str, Any] = {"model": upstream_model(request.model), "input": items, "stream": True}
+    if settings.tools:
+        body["tools"] = [tool for tool in map(_tool, settings.tools) if tool is not None]
+    if settings.HasField("tool_choice"):
+        choice = _tool_choice(settings.tool_choice)
+        if choice is not None:
+            body["tool_choice"] = choice
+    for field in ("temperature", "top_p", "max_output_tokens", "prompt_cache_key"):
+        if settings.HasField(field):
+            body[field] = getattr(settings, field)
+    if settings.HasField("reasoning"):
+        reasoning = {}
+        if settings.reasoning.HasField("effort"):
+            reasoning["effort"] = (
+                response_pb2.ReasoningEffort.Name(settings.reasoning.effort).split("_")[-1].lower()
+            )
+        if settings.reasoning.HasField("summary"):
+            reasoning["summary"] = (
+                response_pb2.ReasoningSummary.Name(settings.reasoning.summary).split("_")[-1].lower()
+            )
+        if reasoning:
+            body["reasoning"] = reasoning
+    return body
+
+
+def _message(role: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "message", "role": role, "content": content}
+
+
+_ROLES = {
+    response_pb2.ROLE_USER: "user",
+    response_pb2.ROLE_ASSISTANT: "assistant",
+    response_pb2.ROLE_SYSTEM: "system",
+    response_pb2.ROLE_DEVELOPER: "developer",
+}
+_DETAILS = {response_pb2.IMAGE_DETAIL_LOW: "low", response_pb2.IMAGE_DETAIL_HIGH: "high"}
+
+
+def _item(item: response_pb2.Item) -> dict[str, Any] | None:
+    kind = item.WhichOneof("item")
+    if kind == "message":
+        message = item.message
+        return _message(_ROLES.get(message.role, "user"), [p for p in map(_part, message.content) if p])
+    if kind == "function_call":
+        call = item.function_call
+        return {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+        }
+    if kind == "function_call_output":
+        output = item.function_call_output
+        return {"type": "function_call_output", "call_id": output.call_id, "output": output.output}
+    if kind == "reasoning":
+        reasoning = item.reasoning
+        translated: dict[str, Any] = {
+            "type": "reasoning",
+            "id": reasoning.id,
+            "summary": [summary.text for summary in reasoning.summary],
+        }
+        if reasoning.HasField("encrypted_content"):
+            translated["encrypted_content"] = reasoning.encrypted_content
+        return translated
+    return None  # web search calls are the upstream's own doing; the text they led to is kept
+
+
+def _part(part: response_pb2.ContentPart) -> dict[str, Any] | None:
+    kind = part.WhichOneof("part")
+    if kind == "input_text":
+        return {"type": "input_text", "text": part.input_text.text}
+    if kind == "output_text":
+        return {"type": "output_text", "text": part.output_text.text}
+    if kind == "refusal":
+        return {"type": "output_text", "text": part.refusal.refusal}
+    if kind == "input_image":
+        image = part.input_image
+        translated: dict[str, Any] = {"type": "input_image", "detail": _DETAILS.get(image.detail, "auto")}
+        if image.HasField("image_url"):
+            translated["image_url"] = image.image_url
+        if image.HasField("file_id"):
+            translated["file_id"] = image.file_id
+        return translated
+    if kind == "input_file":
+        file = part.input_file
+        return {
+            "type": "input_file",
+            **{
+                f: getattr(file, f)
+                for f in ("file_id", "filename", "file_data", "file_url")
+                if file.HasField(f)
+            },
+        }
+    return None
+
+
+def _tool(tool: response_pb2.Tool) -> dict[str, Any] | None:
+    kind = tool.WhichOneof("tool")
+    if kind == "function":
+        function = tool.function
+        spec: dict[str, Any] = {"name": function.name}
+        if function.HasField("description"):
+            spec["description"] = function.description
+        if function.HasField("parameters"):
+            spec["parameters"] = _struct(function.parameters)
+        if function.HasField("strict"):
+            spec["strict"] = function.strict
+        return {"type": "function", "function": spec}
+    if kind in ("web_search", "web_search_preview"):
+        return {"type": "web_search"}
+    return None
+
+
+def _tool_choice(choice: response_pb2.ToolChoice) -> str | dict[str, Any] | None:
+    kind = choice.WhichOneof("choice")
+    if kind == "mode":
+        return {
+            response_pb2.TOOL_CHOICE_MODE_NONE: "none",
+            response_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+            response_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+        }.get(choice.mode)
+    if kind == "function":
+        return {"type": "function", "function": {"name": choice.function.name}}
+    if kind == "allowed_tools":
+        return "required" if choice.allowed_tools.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED else "auto"
+    return None
+
+
+def _struct(value: Any) -> Any:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Response translation
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+    """(event type, JSON payload) pairs; ``[DONE]`` arrives as ("[DONE]", None)."""
+    event_type = ""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event_type = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            text = "\n".join(data)
+            data = []
+            if text.strip() == "[DONE]":
+                yield "[DONE]", None
+            else:
+                try:
+                    payload = json.loads(text)
+                except ValueError:
+                    continue  # not ours to crash on: skip a malformed frame
+                if isinstance(payload, dict):
+                    yield str(payload.get("type") or event_type), payload
+            event_type = ""
+
+
+class _StreamTranslator:
+    """Upstream events -> Venna backend events. Item structure is rebuilt by Venna's builder,
+    so only what the model produced matters here, not the upstream's ids or ordering."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self._annotated: set[str] = set()  # upstream message ids whose annotations were emitted
+        self._usage: base.UsageReport | None = None
+
+    def translate(self, event_type: str, payload: dict[str, Any] | None) -> list[base.BackendEvent]:
+        data = payload or {}
+        if event_type == "[DONE]":
+            if not self.finished:
+                raise base.BackendError(
+                    base.ErrorKind.UNAVAILABLE,
+                    "The upstream stream ended before the response was complete.",
+                    code="server_error",
+                )
+            return []
+        if event_type == "error" or (data.get("error") and not event_type.startswith("response.")):
+            raise _stream_error(data)  # an in-band error frame, in OpenAI's or chat-completions' shape
+        match event_type:
+            case "response.output_text.delta":
+                return [base.TextDelta(str(data.get("delta", "")))]
+            case "response.refusal.delta":
+                return [base.RefusalDelta(str(data.get("delta", "")))]
+            case "response.reasoning.delta" | "response.reasoning_summary_text.delta":
+                return [
+                    base.ReasoningSummaryDelta(str(data.get("delta", "")), int(data.get("summary_index", 0)))
+                ]
+            case "response.reasoning_text.delta":
+                return [base.ReasoningTextDelta(str(data.get("delta", "")))]
+            case "response.function_call_arguments.delta":
+                return [base.FunctionCallArgumentsDelta(str(data.get("delta", "")))]
+            case "response.output_text.annotation.added":
+                annotation = _annotation(data.get("annotation"))
+                return [base.TextAnnotation(annotation)] if annotation else []
+            case "response.output_item.added":
+                return self._item_added(data.get("item") or {})
+            case "response.output_item.done":
+                return self._item_done(data.get("item") or {})
+            case "response.web_search.done" | "web_search_call":
+                return [base.WebSearchProgress(base.WebSearchPhase.COMPLETED, _search_action(data))]
+            case "response.web_search_call.completed":
+                return [base.WebSearchProgress(base.WebSearchPhase.COMPLETED)]
+            case "response.completed":
+                self.finished = True
+                return self._usage_events(data)
+            case "response.incomplete":
+                self.finished = True
+                reason = ((data.get("response") or {}).get("incomplete_details") or {}).get("reason")
+                code = (
+                    response_pb2.INCOMPLETE_REASON_CONTENT_FILTER
+                    if reason == "content_filter"
+                    else response_pb2.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS
+                )
+                return [*self._usage_events(data), base.Incomplete(code)]
+            case "response.failed":
+                error = (data.get("response") or {}).get("error") or {}
+                raise base.BackendError(
+                    base.ErrorKind.INTERNAL,
+                    str(error.get("message") or "The upstream model failed."),
+                    code=str(error.get("code") or "server_error"),
+                )
+        return []  # lifecycle and part events: Venna emits its own
+
+    def _item_added(self, item: dict[str, Any]) -> list[base.BackendEvent]:
+        kind = item.get("type")
+        if kind == "function_call":
+            events: list[base.BackendEvent] = [
+                base.FunctionCallStart(name=str(item.get("name", "")), call_id=str(item.get("call_id", "")))
+            ]
+            if item.get("arguments"):
+                events.append(base.FunctionCallArgumentsDelta(str(item["arguments"])))
+            return events
+        if kind == "web_search_call":
+            return [base.WebSearchProgress(base.WebSearchPhase.IN_PROGRESS)]
+        if kind in ("message", "reasoning"):
+            return [base.EndItem()]  # a new item of its own, even after one of the same kind
+        return []
+
+    def _item_done(self, item: dict[str, Any]) -> list[base.BackendEvent]:
+        kind = item.get("type")
+        events: list[base.BackendEvent] = []
+        if kind == "reasoning" and item.get("encrypted_content"):
+            events.append(base.ReasoningEncryptedContent(str(item["encrypted_content"])))
+        elif kind == "message" and item.get("id") not in self._annotated:
+            self._annotated.add(str(item.get("id")))
+            for part in item.get("content") or []:
+                for raw in part.get("annotations") or []:
+                    annotation = _annotation(raw)
+                    if annotation:
+                        events.append(base.TextAnnotation(annotation))
+        return events
+
+    def _usage_events(self, data: dict[str, Any]) -> list[base.BackendEvent]:
+        usage = (data.get("response") or {}).get("usage") or {}
+        if not usage:
+            return []
+        return [
+            base.UsageReport(
+                input_tokens=int(usage.get("input_tokens") or 0),
+                output_tokens=int(usage.get("output_tokens") or 0),
+                reasoning_tokens=int((usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0),
+                cached_tokens=int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0),
+            )
+        ]
+
+
+def _annotation(raw: Any) -> response_pb2.Annotation | None:
+    if not isinstance(raw, dict) or raw.get("type") != "url_citation":
+        return None
+    annotation = response_pb2.Annotation()
+    citation = annotation.url_citation
+    citation.url = str(raw.get("url", ""))
+    citation.title = str(raw.get("title", ""))
+    citation.start_index = int(raw.get("start_index") or 0)
+    citation.end_index = int(raw.get("end_index") or 0)
+    return annotation
+
+
+def _search_action(data: dict[str, Any]) -> response_pb2.WebSearchAction:
+    action = response_pb2.WebSearchAction()
+    action.search.SetInParent()
+    for result in data.get("results") or []:
+        if isinstance(result, dict) and result.get("url"):
+            action.search.sources.add(url=str(result["url"]))
+    return action
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The upstream's own words from any of Venice's error bodies."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or f"HTTP {response.status_code}"
+    if not isinstance(body, dict):
+        return str(body)[:500]
+    error = body.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    message = str(error or body.get("message") or f"HTTP {response.status_code}")
+    issues = body.get("issues")
+    if isinstance(issues, list) and issues:
+        details = "; ".join(
+            f"{'.'.join(map(str, issue.get('path', [])))}: {issue.get('message')}"
+            if isinstance(issue, dict)
+            else str(issue)
+            for issue in issues
+        )
+        message = f"{message}: {details}"
+    elif isinstance(body.get("details"), str):
+        message = f"{message}: {body['details']}"
+    return message
+
+
+def _upstream_error(response: httpx.Response, retry_after: float | None) -> base.BackendError:
+    status = response.status_code
+    message = _error_message(response)
+    if status in (401, 403):
+        return base.BackendError(
+            base.ErrorKind.INTERNAL,
+            "The gateway's upstream credentials were rejected; contact the gateway operator.",
+            code="server_error",
+        )
+    if status == 402:
+        return base.BackendError(base.ErrorKind.QUOTA_EXCEEDED, message, code="insufficient_quota")
+    if status == 429:
+        return base.BackendError(
+            base.ErrorKind.RATE_LIMITED, message, code="rate_limit_exceeded", retry_after=retry_after
+        )
+    if status == 404:
+        return base.BackendError(
+            base.ErrorKind.INVALID_REQUEST, message, code="model_not_found", param="model"
+        )
+    if status == 504 or status == 408:
+        return base.BackendError(base.ErrorKind.TIMEOUT, message, code="server_error")
+    if 400 <= status < 500:
+        return base.BackendError(base.ErrorKind.INVALID_REQUEST, message, code="invalid_request")
+    return base.BackendError(base.ErrorKind.UNAVAILABLE, message, code="server_error")
+
+
+def _stream_error(data: dict[str, Any]) -> base.BackendError:
+    error = data.get("error")
+    if isinstance(error, dict):
+        message = str(error.get("message") or "The upstream model failed.")
+        code = str(error.get("code") or error.get("type") or "server_error")
+    else:
+        message = str(data.get("message") or error or "The upstream model failed.")
+        code = str(data.get("code") or "server_error")
+    return base.BackendError(base.ErrorKind.INTERNAL, message, code=code)
