@@ -57,6 +57,12 @@ class VeniceBackend:
         )
 
     def validate(self, request: base.GenerationRequest) -> None:
+        if not self._api_key:
+            raise base.BackendError(
+                base.ErrorKind.UNAVAILABLE,
+                "Venice models are not configured on this gateway (VENICE_API_KEY is not set).",
+                code="server_error",
+            )
         if not upstream_model(request.model):
             raise base.BackendError(
                 base.ErrorKind.INVALID_REQUEST,
@@ -77,12 +83,6 @@ class VeniceBackend:
             )
 
     async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
-        if not self._api_key:
-            raise base.BackendError(
-                base.ErrorKind.UNAVAILABLE,
-                "The Venice backend has no API key (set VENICE_API_KEY).",
-                code="server_error",
-            )
         body = upstream_request(request)
         response = await self._open(body)
         try:
