@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -32,6 +32,8 @@ DEFAULT_BASE_URL = "https://api.venice.ai/api/v1"
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 # A Retry-After longer than this is handed to the caller rather than waited out.
 _MAX_RETRY_WAIT = 10.0
+# How long a finished stream may take to send its closing [DONE] before the connection is dropped.
+_DRAIN_SECONDS = 2.0
 
 
 class VeniceBackend:
@@ -51,6 +53,7 @@ class VeniceBackend:
         self._api_key = api_key
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
+        self._draining: set[asyncio.Task[None]] = set()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -85,9 +88,10 @@ class VeniceBackend:
     async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
         body = upstream_request(request)
         response = await self._open(body)
+        events = _sse_events(response)
+        translator = _StreamTranslator()
         try:
-            translator = _StreamTranslator()
-            async for event_type, payload in _sse_events(response):
+            async for event_type, payload in events:
                 for event in translator.translate(event_type, payload):
                     yield event
                 if translator.finished:
@@ -107,10 +111,20 @@ class VeniceBackend:
                 base.ErrorKind.UNAVAILABLE, f"The upstream stream failed: {error}.", code="server_error"
             ) from None
         finally:
-            # Closing the response closes the upstream connection: cancellation reaches Venice.
-            await response.aclose()
+            if translator.finished:
+                # Read the rest ([DONE]) off the critical path, so the connection goes back to
+                # the pool instead of being dropped.
+                task = asyncio.get_running_loop().create_task(_drain(events, response))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            else:
+                # Closing the response closes the upstream connection: cancellation reaches Venice.
+                await events.aclose()
+                await response.aclose()
 
     async def aclose(self) -> None:
+        if self._draining:
+            await asyncio.wait(set(self._draining))
         await self._client.aclose()
 
     async def _open(self, body: dict[str, Any]) -> httpx.Response:
@@ -123,16 +137,8 @@ class VeniceBackend:
                     "POST", f"{self.base_url}/responses", json=body, headers=headers
                 )
                 response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException:
-                if last:
-                    raise base.BackendError(
-                        base.ErrorKind.TIMEOUT,
-                        "The upstream model did not answer in time.",
-                        code="server_error",
-                    ) from None
-                await asyncio.sleep(self._backoff(attempt, None))
-                continue
-            except httpx.TransportError as error:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                # Nothing reached the upstream: safe to try again.
                 if last:
                     raise base.BackendError(
                         base.ErrorKind.UNAVAILABLE,
@@ -141,6 +147,17 @@ class VeniceBackend:
                     ) from None
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
+            except httpx.TimeoutException:
+                # The upstream may be working (and billing) on it: never send it twice.
+                raise base.BackendError(
+                    base.ErrorKind.TIMEOUT, "The upstream model did not answer in time.", code="server_error"
+                ) from None
+            except httpx.TransportError as error:
+                raise base.BackendError(
+                    base.ErrorKind.UNAVAILABLE,
+                    f"The upstream connection failed: {error}.",
+                    code="server_error",
+                ) from None
             if response.is_success:
                 return response
             await response.aread()
@@ -159,6 +176,22 @@ class VeniceBackend:
             return retry_after
         delay: float = self._backoff_base * 2 ** (attempt - 1)
         return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+async def _drain(
+    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
+) -> None:
+    """Reads a finished stream to the end of its body (briefly): only a fully read response
+    returns its connection to the pool."""
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in events:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    finally:
+        await events.aclose()
+        await response.aclose()
 
 
 def upstream_model(model: str) -> str:
@@ -315,7 +348,7 @@ def _struct(value: Any) -> Any:
 # Response translation
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+async def _sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
     """(event type, JSON payload) pairs; ``[DONE]`` arrives as ("[DONE]", None)."""
     event_type = ""
     data: list[str] = []
