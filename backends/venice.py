@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
+from google.protobuf import json_format
 
 from backends import base
 from venna.responses.v1 import response_pb2
@@ -314,7 +315,7 @@ def _tool(tool: response_pb2.Tool) -> dict[str, Any] | None:
         if function.HasField("description"):
             spec["description"] = function.description
         if function.HasField("parameters"):
-            spec["parameters"] = _struct(function.parameters)
+            spec["parameters"] = json_format.MessageToDict(function.parameters)
         if function.HasField("strict"):
             spec["strict"] = function.strict
         return {"type": "function", "function": spec}
@@ -336,12 +337,6 @@ def _tool_choice(choice: response_pb2.ToolChoice) -> str | dict[str, Any] | None
     if kind == "allowed_tools":
         return "required" if choice.allowed_tools.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED else "auto"
     return None
-
-
-def _struct(value: Any) -> Any:
-    from google.protobuf import json_format
-
-    return json_format.MessageToDict(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,8 +119,21 @@ def _error_response(
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=dict(headers))
 
 
+@dataclass(frozen=True, slots=True)
+class _HttpError:
+    status: int
+    body: dict[str, Any]  # OpenAI's error object: message, type, param, code
+    headers: dict[str, str]
+
+
 def call_error_response(error: CallError) -> JSONResponse:
-    """The OpenAI error object for a failed call, from its status and google.rpc details."""
+    """The OpenAI error reply for a failed call."""
+    mapped = _http_error(error)
+    return JSONResponse({"error": mapped.body}, status_code=mapped.status, headers=mapped.headers)
+
+
+def _http_error(error: CallError) -> _HttpError:
+    """A failed call as OpenAI reports it, from its status and google.rpc details."""
     status, type_ = _HTTP_ERRORS.get(error.code, (500, "server_error"))
     info = error_details_pb2.ErrorInfo()
     if error.status is not None:
@@ -140,7 +153,7 @@ def call_error_response(error: CallError) -> JSONResponse:
         message = error.message or "The server had an error while processing your request."
     else:
         message = error.message
-    return _error_response(status, message, type_, param, code, headers)
+    return _HttpError(status, error_body(message, type_, param, code)["error"], headers)
 
 
 class RequestIdMiddleware:
@@ -346,7 +359,7 @@ class ResponsesHttpApp:
         return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
     def _error_frame(self, error: CallError, sequence_number: int) -> bytes:
-        body = json.loads(bytes(call_error_response(error).body))["error"]
+        body = _http_error(error).body
         data = {
             "type": "error",
             "code": body["code"] or body["type"],
