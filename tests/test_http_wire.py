@@ -6,7 +6,6 @@ schemas (tests/openai_schema.py).
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -304,10 +303,10 @@ def test_events_are_flushed_as_they_happen(http: httpx.Client) -> None:
     ]
     assert len(deltas) == 4
     assert ended - started >= 0.85  # three pauses of 300 ms
-    assert deltas[0] - started < 0.5, "the first delta waited for the rest"
-    # Each later delta arrives on its own, about 300 ms after the previous one.
-    gaps = [later - earlier for earlier, later in itertools.pairwise(deltas)]
-    assert all(gap > 0.2 for gap in gaps), gaps
+    # Buffering would deliver the deltas together at the end. Flushed, they are spread over the
+    # three pauses (bounds loose enough for a loaded machine to delay any single arrival).
+    assert deltas[-1] - deltas[0] >= 0.5, deltas
+    assert ended - deltas[0] >= 0.5, "the first delta waited for the rest"
 
 
 def test_keep_alive_comments_during_silence(tuned_venna: HttpVenna) -> None:
@@ -368,13 +367,11 @@ def test_resume_replays_a_background_response(http: httpx.Client) -> None:
 
 
 def test_resume_follows_a_running_response_live(http: httpx.Client) -> None:
-    queued = create(http, model="echo:delay_ms=100", input=words(6), background=True)
-    started = time.monotonic()
+    queued = create(http, model="echo:delay_ms=150", input=words(6), background=True)
     sse = get_stream(http, queued["id"], starting_after=2)
     assert sse.events[0]["sequence_number"] == 3
     assert sse.types[-1] == "response.completed"
-    # It follows the response as it runs, rather than waiting for it to end.
-    assert sse.arrivals[0] - started < 0.3
+    # It follows the response as it runs (five pauses of 150 ms), rather than waiting for its end.
     assert sse.arrivals[-1] - sse.arrivals[0] > 0.3
     text = "".join(event["delta"] for event in sse.of_type("response.output_text.delta"))
     assert text == words(6)
