@@ -98,11 +98,7 @@ class VeniceBackend:
                 if translator.finished:
                     return
             if not translator.finished:
-                raise base.BackendError(
-                    base.ErrorKind.UNAVAILABLE,
-                    "The upstream stream ended before the response was complete.",
-                    code="server_error",
-                )
+                raise _truncated()
         except httpx.TimeoutException:
             raise base.BackendError(
                 base.ErrorKind.TIMEOUT, "The upstream model timed out.", code="server_error"
@@ -380,11 +376,7 @@ class _StreamTranslator:
         data = payload or {}
         if event_type == "[DONE]":
             if not self.finished:
-                raise base.BackendError(
-                    base.ErrorKind.UNAVAILABLE,
-                    "The upstream stream ended before the response was complete.",
-                    code="server_error",
-                )
+                raise _truncated()
             return []
         if event_type == "error" or (data.get("error") and not event_type.startswith("response.")):
             raise _stream_error(data)  # an in-band error frame, in OpenAI's or chat-completions' shape
@@ -561,6 +553,14 @@ def _upstream_error(response: httpx.Response, retry_after: float | None) -> base
     if 400 <= status < 500:
         return base.BackendError(base.ErrorKind.INVALID_REQUEST, message, code="invalid_request")
     return base.BackendError(base.ErrorKind.UNAVAILABLE, message, code="server_error")
+
+
+def _truncated() -> base.BackendError:
+    return base.BackendError(
+        base.ErrorKind.UNAVAILABLE,
+        "The upstream stream ended before the response was complete.",
+        code="server_error",
+    )
 
 
 def _stream_error(data: dict[str, Any]) -> base.BackendError:

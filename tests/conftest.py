@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from server.app import ServerConfig, VennaServer
+from server.routing import Router
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 
 pytest_plugins = ["tests.http_harness"]
@@ -120,11 +124,10 @@ def start_config(db_path: Path, **overrides: Any) -> ServerConfig:
     return ServerConfig(grpc_listen="127.0.0.1:0", db_path=db_path, shutdown_grace=2.0, **overrides)
 
 
-@pytest.fixture
-async def venna(tmp_path: Path) -> AsyncIterator[Venna]:
-    """A started server with two workspaces, alpha and beta, each with a key."""
-    db_path = tmp_path / "venna.db"
-    server = VennaServer(start_config(db_path))
+@contextlib.asynccontextmanager
+async def serving(db_path: Path, router: Router | None = None, **config: Any) -> AsyncIterator[Venna]:
+    """A started server over ``db_path`` with two workspaces, alpha and beta, each with a key."""
+    server = VennaServer(start_config(db_path, **config), router=router)
     await server.start()
     alpha_key, _ = await server.db.call(server.db.store.create_key, "alpha")
     beta_key, _ = await server.db.call(server.db.store.create_key, "beta")
@@ -135,3 +138,21 @@ async def venna(tmp_path: Path) -> AsyncIterator[Venna]:
     finally:
         await channel.close(grace=None)
         await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def venna(tmp_path: Path) -> AsyncIterator[Venna]:
+    async with serving(tmp_path / "venna.db") as started:
+        yield started
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo a failed call carries."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "error without google.rpc.Status details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo detail")

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway_http.server import HttpServer
+from tests.loop_thread import LoopThread, Shutdown
 
 RESPONSES_PATH = "/api/v1/responses"
 DEFAULT_MODEL = "zai-org-glm-5-1"
@@ -399,18 +400,17 @@ class Recorded:
         return self.finished_at is not None or self.disconnected_at is not None
 
 
-class FakeVenice:
+class FakeVenice(LoopThread):
     """The fake server. ``start()``/``stop()`` it, ``queue()`` scenarios, read ``requests``."""
+
+    thread_name = "fake-venice"
 
     def __init__(self, port: int = 0) -> None:
         self.port = port
         self.requests: list[Recorded] = []
         self._scenarios: collections.deque[Scenario] = collections.deque()
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        super().__init__()
 
     @property
     def base_url(self) -> str:
@@ -456,38 +456,12 @@ class FakeVenice:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="fake-venice", daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise TimeoutError("the fake Venice did not start")
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(30)
-
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._serve(ready))
-        except BaseException as caught:  # reported to the test thread
-            self._error = caught
-            ready.set()
-
-    async def _serve(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    async def startup(self) -> Shutdown:
         app = Starlette(routes=[Route("/{path:path}", _Endpoint(self), methods=["GET", "POST", "DELETE"])])
         server = HttpServer(app, f"127.0.0.1:{self.port}", shutdown_grace=1.0)
         await server.start()
         self.port = server.port
-        ready.set()
-        await self._stop.wait()
-        await server.stop()
+        return server.stop
 
     # ------------------------------------------------------------------ serving
 

@@ -4,7 +4,6 @@ so that blocking clients (the sync openai SDK, httpx) can call it from the test.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +14,13 @@ from gateway_http.app import create_app
 from gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
 from gateway_http.server import HttpServer
 from server.app import ServerConfig, VennaServer
+from tests.loop_thread import LoopThread, Shutdown
 
 TRANSPORTS = ("in_process", "channel")
 
 
 @dataclass
-class HttpVenna:
+class HttpVenna(LoopThread):
     db_path: Path
     transport: str = "in_process"
     keepalive_seconds: float = 15.0
@@ -28,10 +28,10 @@ class HttpVenna:
     base_url: str = ""
     grpc_address: str = ""
     keys: dict[str, str] = field(default_factory=dict)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _stop: asyncio.Event | None = None
-    _thread: threading.Thread | None = None
-    _error: BaseException | None = None
+    thread_name = "venna-http-test"
+
+    def __post_init__(self) -> None:
+        LoopThread.__init__(self)
 
     @property
     def alpha(self) -> str:
@@ -41,33 +41,7 @@ class HttpVenna:
     def beta(self) -> str:
         return self.keys["beta"]
 
-    def start(self) -> None:
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="venna-test-server", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(30):
-            raise TimeoutError("Venna did not start")
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(30)
-
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._serve(ready))
-        except BaseException as error:  # reported to the test thread
-            self._error = error
-            ready.set()
-
-    async def _serve(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    async def startup(self) -> Shutdown:
         server = VennaServer(
             ServerConfig(grpc_listen="127.0.0.1:0", db_path=self.db_path, shutdown_grace=1.0)
         )
@@ -88,12 +62,14 @@ class HttpVenna:
             self.keys[workspace], _ = await server.db.call(server.db.store.create_key, workspace)
         self.base_url = f"http://127.0.0.1:{http.port}/v1"
         self.grpc_address = server.address
-        ready.set()
-        await self._stop.wait()
-        await asyncio.gather(http.stop(), server.drain(grace=0.5))
-        if channel is not None:
-            await channel.close(grace=None)
-        server.close()
+
+        async def shutdown() -> None:
+            await asyncio.gather(http.stop(), server.drain(grace=0.5))
+            if channel is not None:
+                await channel.close(grace=None)
+            server.close()
+
+        return shutdown
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
-from tests.conftest import Venna, event_type, make_request, output_text
+from tests.conftest import Venna, event_type, make_request, output_text, serving
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 SLOW = "echo:delay_ms=40"
@@ -118,28 +119,15 @@ async def test_cancel_stops_a_background_response_promptly(venna: Venna) -> None
     assert [event.sequence_number for event in replay] == list(range(len(replay)))
 
 
-async def test_cancel_a_queued_response_that_never_started(tmp_path: object) -> None:
-    from pathlib import Path
-
-    from server.app import VennaServer
-    from tests.conftest import Client, async_stub, start_config
-
-    db_path = Path(str(tmp_path)) / "venna.db"
-    server = VennaServer(start_config(db_path, background_concurrency=1))
-    await server.start()
-    key, _ = await server.db.call(server.db.store.create_key, "alpha")
-    channel = grpc.aio.insecure_channel(server.address)
-    client = Client(async_stub(channel), key)
-    try:
+async def test_cancel_a_queued_response_that_never_started(tmp_path: Path) -> None:
+    async with serving(tmp_path / "venna.db", background_concurrency=1) as venna:
+        client = venna.alpha
         busy = await client.create(input=TEN_WORDS, model=SLOW, background=True)
         waiting = await client.create(input="never runs", model=SLOW, background=True)
         cancelled = await client.cancel(waiting.id)
         assert cancelled.status == response_pb2.RESPONSE_STATUS_CANCELLED
         assert list(cancelled.output) == []
         await client.cancel(busy.id)
-    finally:
-        await channel.close(grace=None)
-        await server.stop(grace=0.5)
 
 
 async def test_cancel_is_only_for_background_responses(venna: Venna) -> None:

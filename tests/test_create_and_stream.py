@@ -8,25 +8,12 @@ import sqlite3
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from tests.conftest import Venna, event_type, output_text, user_message
+from tests.conftest import Venna, error_info, event_type, output_text, user_message
 from tests.streams import MESSAGE_EVENTS
 from venna.responses.v1 import events_pb2, response_pb2
 
 COMPLETED = response_pb2.RESPONSE_STATUS_COMPLETED
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "error without google.rpc.Status details"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
 
 
 async def test_create_answers_with_the_last_user_message(venna: Venna) -> None:

@@ -10,7 +10,6 @@ actually received.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -21,14 +20,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from backends.echo import EchoBackend
 from backends.venice import VeniceBackend
-from server.app import VennaServer
 from server.routing import Router
-from tests.conftest import Client, Venna, async_stub, event_type, make_request, output_text, start_config
+from tests.conftest import Client, Venna, error_info, event_type, make_request, output_text, serving
 from tests.fake_venice import (
     RESPONSES_PATH,
     Call,
@@ -78,21 +74,9 @@ def fake(fake_server: FakeVenice) -> FakeVenice:
     return fake_server
 
 
-@contextlib.asynccontextmanager
-async def serving(db_path: Path, venice: VeniceBackend) -> AsyncIterator[Venna]:
-    """Venna routing ``venice/…`` to ``venice`` (and ``echo``), as a deployment would."""
-    router = Router({"echo": EchoBackend(), "venice": venice})
-    server = VennaServer(start_config(db_path), router=router)
-    await server.start()
-    alpha_key, _ = await server.db.call(server.db.store.create_key, "alpha")
-    beta_key, _ = await server.db.call(server.db.store.create_key, "beta")
-    channel = grpc.aio.insecure_channel(server.address)
-    stub = async_stub(channel)
-    try:
-        yield Venna(server, channel, Client(stub, alpha_key), Client(stub, beta_key), db_path)
-    finally:
-        await channel.close(grace=None)
-        await server.stop(grace=0.5)
+def venice_router(venice: VeniceBackend) -> Router:
+    """Routes ``venice/…`` to ``venice`` (and ``echo``), as a deployment would."""
+    return Router({"echo": EchoBackend(), "venice": venice})
 
 
 def backend(base_url: str, **options: Any) -> VeniceBackend:
@@ -102,7 +86,7 @@ def backend(base_url: str, **options: Any) -> VeniceBackend:
 
 @pytest.fixture
 async def gateway(tmp_path: Path, fake: FakeVenice) -> AsyncIterator[Venna]:
-    async with serving(tmp_path / "venna.db", backend(fake.base_url)) as venna:
+    async with serving(tmp_path / "venna.db", venice_router(backend(fake.base_url))) as venna:
         yield venna
 
 
@@ -141,17 +125,6 @@ async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "error without google.rpc.Status details"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
 
 
 def types(events: list[events_pb2.ResponseStreamEvent]) -> list[str]:
@@ -608,7 +581,7 @@ async def test_unservable_requests_never_reach_the_upstream(
         caught = await rpc_error(gateway.alpha.create(input="hi", **fields))
         assert caught.code() == INVALID
     # Without an upstream key the gateway is not configured for Venice: a server-side refusal.
-    async with serving(tmp_path / "keyless.db", VeniceBackend(fake.base_url, "")) as keyless:
+    async with serving(tmp_path / "keyless.db", venice_router(VeniceBackend(fake.base_url, ""))) as keyless:
         caught = await rpc_error(keyless.alpha.create(model=MODEL, input="hi"))
         assert caught.code() == UNAVAILABLE
     assert fake.requests == []
@@ -780,7 +753,7 @@ async def test_503_then_success_is_retried(gateway: Venna, fake: FakeVenice) -> 
 
 async def test_unreachable_upstream_is_unavailable(tmp_path: Path) -> None:
     venice = backend(f"http://127.0.0.1:{free_port()}/api/v1", connect_timeout=1.0)
-    async with serving(tmp_path / "venna.db", venice) as venna:
+    async with serving(tmp_path / "venna.db", venice_router(venice)) as venna:
         caught = await rpc_error(venna.alpha.create(model=MODEL, input="hi"))
     assert caught.code() == UNAVAILABLE
 
@@ -788,7 +761,7 @@ async def test_unreachable_upstream_is_unavailable(tmp_path: Path) -> None:
 async def test_connect_error_is_retried(tmp_path: Path) -> None:
     port = free_port()
     venice = backend(f"http://127.0.0.1:{port}/api/v1", backoff_base=0.3)
-    async with serving(tmp_path / "venna.db", venice) as venna:
+    async with serving(tmp_path / "venna.db", venice_router(venice)) as venna:
         started = time.monotonic()
         creating = asyncio.create_task(venna.alpha.create(model=MODEL, input="hi"))
         await asyncio.sleep(0.1)  # the first attempt is refused; the backend backs off
@@ -818,7 +791,9 @@ async def test_sequential_requests_reuse_the_upstream_connection(gateway: Venna,
 
 async def test_read_timeout_is_deadline_exceeded(tmp_path: Path, fake: FakeVenice) -> None:
     fake.queue(*(Hang(5.0) for _ in range(3)))
-    async with serving(tmp_path / "venna.db", backend(fake.base_url, read_timeout=0.1)) as venna:
+    async with serving(
+        tmp_path / "venna.db", venice_router(backend(fake.base_url, read_timeout=0.1))
+    ) as venna:
         caught = await rpc_error(venna.alpha.create(model=MODEL, input="hi"))
     assert caught.code() == DEADLINE
     assert fake.requests and all(request.disconnected_at is not None for request in fake.requests)
@@ -827,7 +802,9 @@ async def test_read_timeout_is_deadline_exceeded(tmp_path: Path, fake: FakeVenic
 async def test_read_timeout_is_not_retried(tmp_path: Path, fake: FakeVenice) -> None:
     """The upstream may already be working (and billing) on a request that timed out."""
     fake.queue(*(Hang(5.0) for _ in range(3)))
-    async with serving(tmp_path / "venna.db", backend(fake.base_url, read_timeout=0.1)) as venna:
+    async with serving(
+        tmp_path / "venna.db", venice_router(backend(fake.base_url, read_timeout=0.1))
+    ) as venna:
         caught = await rpc_error(venna.alpha.create(model=MODEL, input="hi"))
     assert caught.code() == DEADLINE
     assert len(fake.requests) == 1
@@ -836,7 +813,9 @@ async def test_read_timeout_is_not_retried(tmp_path: Path, fake: FakeVenice) -> 
 async def test_read_timeout_mid_stream_fails_the_response(tmp_path: Path, fake: FakeVenice) -> None:
     stalled = text_stream(["one", " two", " three"]).cut_after(5)
     fake.queue(stalled.with_frames(5, Frame("response.output_text.delta", {"delta": " never"}, delay=5.0)))
-    async with serving(tmp_path / "venna.db", backend(fake.base_url, read_timeout=0.2)) as venna:
+    async with serving(
+        tmp_path / "venna.db", venice_router(backend(fake.base_url, read_timeout=0.2))
+    ) as venna:
         events = await venna.alpha.stream(model=MODEL, input="one two three")
         final = final_response(events)
         assert final.status == FAILED
