@@ -189,3 +189,44 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
         """Run the model. Cancelling the iteration must stop the work promptly."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation settings a backend may or may not honour. A request that sets one its backend does
+# not accept is refused, never silently ignored: a caller relying on ``seed`` must learn that the
+# model cannot give it. Settings Venna honours itself (store, background, metadata, instructions,
+# previous_response_id, include, user, ...) are not among them.
+
+OPTIONAL_SETTINGS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_output_tokens",
+        "stop",
+        "seed",
+        "prompt_cache_key",
+        "reasoning",
+        "tools",
+        "tool_choice",
+        "top_logprobs",
+        "max_tool_calls",
+        "venice_parameters",
+    }
+)
+
+
+def settings_in_use(request: service_pb2.CreateResponseRequest) -> list[str]:
+    """The optional settings a request sets (present, or non-empty if repeated), by name."""
+    return sorted(field.name for field, _ in request.ListFields() if field.name in OPTIONAL_SETTINGS)
+
+
+def refuse_unaccepted(request: GenerationRequest, accepted: frozenset[str]) -> None:
+    """Raises INVALID_REQUEST (``unsupported_parameter``) for the first setting not accepted."""
+    for name in settings_in_use(request.request):
+        if name not in accepted:
+            raise BackendError(
+                ErrorKind.INVALID_REQUEST,
+                f"Unsupported parameter: '{name}' is not supported with the model '{request.request.model}'.",
+                code="unsupported_parameter",
+                param=name,
+            )

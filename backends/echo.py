@@ -7,6 +7,8 @@ or make it fail, for tests of streaming, cancellation and failed responses::
     echo                      answer at once
     echo:delay_ms=50          wait 50 ms before every delta after the first
     echo:fail_after=3         fail once three words have been written
+
+A ``stop`` sequence cuts the text answer where it first occurs, as it would a model's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from backends.base import (
+    OPTIONAL_SETTINGS,
     BackendError,
     BackendEvent,
     ErrorKind,
@@ -28,10 +31,14 @@ from backends.base import (
     Incomplete,
     TextDelta,
     UsageReport,
+    refuse_unaccepted,
 )
 from venna.responses.v1 import response_pb2, service_pb2
 
 MODEL_NAMES = ("echo", "venna-1")
+# Sampling settings are accepted and trivially honoured (the answer is deterministic), ``stop``
+# cuts the answer; Venice's own parameters mean nothing here.
+ACCEPTED_SETTINGS = OPTIONAL_SETTINGS - {"venice_parameters"}
 
 # The largest value each option accepts.
 _OPTION_LIMITS = {"delay_ms": 60_000, "fail_after": 1_000_000_000}
@@ -55,13 +62,16 @@ class EchoBackend:
     """Serves MODEL_NAMES; holds no state, so one instance serves any number of requests."""
 
     def validate(self, request: GenerationRequest) -> None:
+        refuse_unaccepted(request, ACCEPTED_SETTINGS)
         _plan(request)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
         plan = _plan(request)
-        answer = _answer(request.context)
-        words = answer.split()
         settings = request.request
+        answer = _answer(request.context)
+        if plan.function is None:
+            answer = _until_stop(answer, settings.stop)
+        words = answer.split()
         cut = settings.HasField("max_output_tokens") and len(words) > settings.max_output_tokens
         if cut:
             words = words[: settings.max_output_tokens]
@@ -155,6 +165,12 @@ def _answer(context: Sequence[response_pb2.Item]) -> str:
                 if part.WhichOneof("part") == "input_text"
             )
     return ""
+
+
+def _until_stop(answer: str, stop: Sequence[str]) -> str:
+    """The answer up to (without) the first stop sequence in it, as a model stops there."""
+    cut = min((index for sequence in stop if (index := answer.find(sequence)) >= 0), default=len(answer))
+    return answer[:cut]
 
 
 def _input_tokens(request: GenerationRequest) -> int:

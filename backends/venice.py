@@ -1,5 +1,10 @@
 """Venice.ai's Responses endpoint as a backend: a stateful API on a stateless upstream.
 
+The same backend serves any OpenAI-compatible Responses upstream (another base URL and key, a
+self-hosted vLLM): ``dialect`` picks Venice's nested tool shapes or OpenAI's flat ones, and
+``accepts`` lists the generation settings the upstream honours, so that the others are refused
+with a 400 instead of being dropped on the way.
+
 The upstream keeps nothing, so every call sends the full rebuilt context; ``instructions``
 become a leading system message; Venna's own fields (store, background, metadata,
 previous_response_id) never go up. Venice's dialect is translated both ways: nested function
@@ -26,10 +31,31 @@ import httpx
 from google.protobuf import json_format
 
 from backends import base
-from venna.responses.v1 import response_pb2
+from venna.responses.v1 import response_pb2, service_pb2
 
 MODEL_PREFIX = "venice/"
 DEFAULT_BASE_URL = "https://api.venice.ai/api/v1"
+DIALECTS = ("venice", "openai")
+# What each dialect's upstream honours by default (Venice: its documented request fields).
+DEFAULT_ACCEPTS = {
+    "venice": frozenset(
+        {
+            "temperature",
+            "top_p",
+            "max_output_tokens",
+            "stop",
+            "seed",
+            "prompt_cache_key",
+            "reasoning",
+            "tools",
+            "tool_choice",
+            "venice_parameters",
+        }
+    ),
+    "openai": frozenset(
+        {"temperature", "top_p", "max_output_tokens", "prompt_cache_key", "reasoning", "tools", "tool_choice"}
+    ),
+}
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 # A Retry-After longer than this is handed to the caller rather than waited out.
 _MAX_RETRY_WAIT = 10.0
@@ -38,19 +64,33 @@ _DRAIN_SECONDS = 2.0
 
 
 class VeniceBackend:
-    """Serves ``venice/<upstream-model>`` through one pooled HTTP client."""
+    """Serves ``<prefix><upstream-model>`` (``venice/…`` by default) through one pooled HTTP client."""
 
     def __init__(
         self,
         base_url: str = DEFAULT_BASE_URL,
         api_key: str = "",
         *,
+        prefix: str = MODEL_PREFIX,
+        dialect: str = "venice",
+        accepts: frozenset[str] | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_attempts: int = 3,
         backoff_base: float = 0.25,
     ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+        unknown = (accepts or frozenset()) - base.OPTIONAL_SETTINGS
+        if unknown:
+            raise ValueError(
+                f"unknown settings in accepts: {', '.join(sorted(unknown))}; "
+                f"expected some of {', '.join(sorted(base.OPTIONAL_SETTINGS))}"
+            )
         self.base_url = base_url.rstrip("/")
+        self.prefix = prefix
+        self.dialect = dialect
+        self.accepts = DEFAULT_ACCEPTS[dialect] if accepts is None else accepts
         self._api_key = api_key
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
@@ -64,16 +104,17 @@ class VeniceBackend:
         if not self._api_key:
             raise base.BackendError(
                 base.ErrorKind.UNAVAILABLE,
-                "Venice models are not configured on this gateway (VENICE_API_KEY is not set).",
+                f"'{self.prefix}' models are not configured on this gateway (no upstream API key is set).",
                 code="server_error",
             )
-        if not upstream_model(request.model):
+        if not upstream_model(request.model, self.prefix):
             raise base.BackendError(
                 base.ErrorKind.INVALID_REQUEST,
-                f"Invalid 'model': expected '{MODEL_PREFIX}<model>', got '{request.model}'.",
+                f"Invalid 'model': expected '{self.prefix}<model>', got '{request.model}'.",
                 code="invalid_value",
                 param="model",
             )
+        base.refuse_unaccepted(request, self.accepts)
         text_format = (
             request.request.text.format.WhichOneof("format") if request.request.HasField("text") else None
         )
@@ -87,7 +128,7 @@ class VeniceBackend:
             )
 
     async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
-        body = upstream_request(request)
+        body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
         response = await self._open(body)
         events = _sse_events(response)
         translator = _StreamTranslator()
@@ -191,32 +232,40 @@ async def _drain(
         await response.aclose()
 
 
-def upstream_model(model: str) -> str:
+def upstream_model(model: str, prefix: str = MODEL_PREFIX) -> str:
     """The upstream's model name (feature suffixes kept), or '' if the name is not ours."""
-    return model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else ""
+    return model.removeprefix(prefix) if model.startswith(prefix) else ""
 
 
 # ---------------------------------------------------------------------------------------------
 # Request translation
 
 
-def upstream_request(request: base.GenerationRequest) -> dict[str, Any]:
-    """The JSON body Venice receives: the whole context, in Venice's dialect."""
+def upstream_request(
+    request: base.GenerationRequest, *, prefix: str = MODEL_PREFIX, dialect: str = "venice"
+) -> dict[str, Any]:
+    """The JSON body the upstream receives: the whole context, in the upstream's dialect."""
     settings = request.request
+    nested = dialect == "venice"
     items: list[dict[str, Any]] = []
     if request.instructions:
         items.append(_message("system", [{"type": "input_text", "text": request.instructions}]))
-    items += [translated for item in request.context if (translated := _item(item)) is not None]
-    body: dict[str, Any] = {"model": upstream_model(request.model), "input": items, "stream": True}
+    items += [translated for item in request.context if (translated := _item(item, nested)) is not None]
+    body: dict[str, Any] = {"model": upstream_model(request.model, prefix), "input": items, "stream": True}
     if settings.tools:
-        body["tools"] = [tool for tool in map(_tool, settings.tools) if tool is not None]
+        tools = (_tool(tool, nested) for tool in settings.tools)
+        body["tools"] = [tool for tool in tools if tool is not None]
     if settings.HasField("tool_choice"):
-        choice = _tool_choice(settings.tool_choice)
+        choice = _tool_choice(settings.tool_choice, nested)
         if choice is not None:
             body["tool_choice"] = choice
-    for field in ("temperature", "top_p", "max_output_tokens", "prompt_cache_key"):
+    for field in ("temperature", "top_p", "max_output_tokens", "prompt_cache_key", "seed"):
         if settings.HasField(field):
             body[field] = getattr(settings, field)
+    if settings.stop:
+        body["stop"] = list(settings.stop)
+    if settings.HasField("venice_parameters"):
+        body["venice_parameters"] = _venice_parameters(settings.venice_parameters)
     if settings.HasField("reasoning"):
         reasoning = {}
         if settings.reasoning.HasField("effort"):
@@ -232,6 +281,16 @@ def upstream_request(request: base.GenerationRequest) -> dict[str, Any]:
     return body
 
 
+def _venice_parameters(parameters: service_pb2.VeniceParameters) -> dict[str, Any]:
+    translated: dict[str, Any] = {}
+    for field, value in parameters.ListFields():
+        if field.enum_type is not None:
+            translated[field.name] = field.enum_type.values_by_number[value].name.split("_")[-1].lower()
+        else:
+            translated[field.name] = value
+    return translated
+
+
 def _message(role: str, content: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "message", "role": role, "content": content}
 
@@ -245,7 +304,7 @@ _ROLES = {
 _DETAILS = {response_pb2.IMAGE_DETAIL_LOW: "low", response_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
-def _item(item: response_pb2.Item) -> dict[str, Any] | None:
+def _item(item: response_pb2.Item, nested: bool) -> dict[str, Any] | None:
     kind = item.WhichOneof("item")
     if kind == "message":
         message = item.message
@@ -263,10 +322,14 @@ def _item(item: response_pb2.Item) -> dict[str, Any] | None:
         return {"type": "function_call_output", "call_id": output.call_id, "output": output.output}
     if kind == "reasoning":
         reasoning = item.reasoning
+        # Venice takes plain-string summaries; OpenAI's dialect, summary_text parts.
         translated: dict[str, Any] = {
             "type": "reasoning",
             "id": reasoning.id,
-            "summary": [summary.text for summary in reasoning.summary],
+            "summary": [
+                summary.text if nested else {"type": "summary_text", "text": summary.text}
+                for summary in reasoning.summary
+            ],
         }
         if reasoning.HasField("encrypted_content"):
             translated["encrypted_content"] = reasoning.encrypted_content
@@ -303,7 +366,7 @@ def _part(part: response_pb2.ContentPart) -> dict[str, Any] | None:
     return None
 
 
-def _tool(tool: response_pb2.Tool) -> dict[str, Any] | None:
+def _tool(tool: response_pb2.Tool, nested: bool) -> dict[str, Any] | None:
     kind = tool.WhichOneof("tool")
     if kind == "function":
         function = tool.function
@@ -314,13 +377,13 @@ def _tool(tool: response_pb2.Tool) -> dict[str, Any] | None:
             spec["parameters"] = json_format.MessageToDict(function.parameters)
         if function.HasField("strict"):
             spec["strict"] = function.strict
-        return {"type": "function", "function": spec}
+        return {"type": "function", "function": spec} if nested else {"type": "function", **spec}
     if kind in ("web_search", "web_search_preview"):
         return {"type": "web_search"}
     return None
 
 
-def _tool_choice(choice: response_pb2.ToolChoice) -> str | dict[str, Any] | None:
+def _tool_choice(choice: response_pb2.ToolChoice, nested: bool) -> str | dict[str, Any] | None:
     kind = choice.WhichOneof("choice")
     if kind == "mode":
         return {
@@ -329,7 +392,9 @@ def _tool_choice(choice: response_pb2.ToolChoice) -> str | dict[str, Any] | None
             response_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
         }.get(choice.mode)
     if kind == "function":
-        return {"type": "function", "function": {"name": choice.function.name}}
+        if nested:
+            return {"type": "function", "function": {"name": choice.function.name}}
+        return {"type": "function", "name": choice.function.name}
     if kind == "allowed_tools":
         return "required" if choice.allowed_tools.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED else "auto"
     return None
@@ -371,9 +436,16 @@ class _StreamTranslator:
         self.finished = False
         self._annotated: set[str] = set()  # upstream message ids whose annotations were emitted
         self._usage: base.UsageReport | None = None
+        # Whether each upstream item (by id) streamed any content; the last one opened. An item
+        # whose content arrives only with its output_item.done is taken from there.
+        self._streamed: dict[str, bool] = {}
+        self._last_opened = ""
 
     def translate(self, event_type: str, payload: dict[str, Any] | None) -> list[base.BackendEvent]:
         data = payload or {}
+        if event_type.endswith(".delta"):
+            item_id = str(data.get("item_id") or "")
+            self._streamed[item_id if item_id in self._streamed else self._last_opened] = True
         if event_type == "[DONE]":
             if not self.finished:
                 raise _truncated()
@@ -427,6 +499,8 @@ class _StreamTranslator:
 
     def _item_added(self, item: dict[str, Any]) -> list[base.BackendEvent]:
         kind = item.get("type")
+        self._last_opened = str(item.get("id") or "")
+        self._streamed[self._last_opened] = bool(kind == "function_call" and item.get("arguments"))
         if kind == "function_call":
             events: list[base.BackendEvent] = [
                 base.FunctionCallStart(name=str(item.get("name", "")), call_id=str(item.get("call_id", "")))
@@ -442,7 +516,11 @@ class _StreamTranslator:
 
     def _item_done(self, item: dict[str, Any]) -> list[base.BackendEvent]:
         kind = item.get("type")
+        item_id = str(item.get("id") or "")
         events: list[base.BackendEvent] = []
+        if not self._streamed.get(item_id, False):
+            events += _content_of(item, opened=item_id in self._streamed)
+            self._streamed[item_id] = True
         if kind == "reasoning" and item.get("encrypted_content"):
             events.append(base.ReasoningEncryptedContent(str(item["encrypted_content"])))
         elif kind == "message" and item.get("id") not in self._annotated:
@@ -466,6 +544,41 @@ class _StreamTranslator:
                 cached_tokens=int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0),
             )
         ]
+
+
+def _content_of(item: dict[str, Any], *, opened: bool) -> list[base.BackendEvent]:
+    """The content of an item that arrived whole with its output_item.done, as the deltas that
+    would have streamed it (summaries as plain strings or summary_text parts)."""
+    kind = item.get("type")
+    events: list[base.BackendEvent] = []
+    if kind == "reasoning":
+        if not opened:
+            events.append(base.EndItem())
+        for index, summary in enumerate(item.get("summary") or []):
+            text = summary.get("text") if isinstance(summary, dict) else summary
+            if isinstance(text, str) and text:
+                events.append(base.ReasoningSummaryDelta(text, index))
+        for part in item.get("content") or []:
+            if isinstance(part, dict) and part.get("type") == "reasoning_text" and part.get("text"):
+                events.append(base.ReasoningTextDelta(str(part["text"])))
+    elif kind == "message":
+        if not opened:
+            events.append(base.EndItem())
+        for part in item.get("content") or []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "output_text" and part.get("text"):
+                events.append(base.TextDelta(str(part["text"])))
+            elif part.get("type") == "refusal" and part.get("refusal"):
+                events.append(base.RefusalDelta(str(part["refusal"])))
+    elif kind == "function_call":
+        if not opened:
+            events.append(
+                base.FunctionCallStart(name=str(item.get("name", "")), call_id=str(item.get("call_id", "")))
+            )
+        if item.get("arguments"):
+            events.append(base.FunctionCallArgumentsDelta(str(item["arguments"])))
+    return events
 
 
 def _annotation(raw: Any) -> response_pb2.Annotation | None:

@@ -44,6 +44,9 @@ _STRING_SHORTHANDS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "venna.responses.v1.Message.content": lambda text: [{"type": "input_text", "text": text}],
 }
 
+# Lists of strings for which one string stands for a list of one, as in OpenAI's ``stop``.
+_SINGLE_STRING_LISTS = frozenset({"venna.responses.v1.CreateResponseRequest.stop"})
+
 
 def json_type(descriptor: Descriptor) -> str | None:
     """The "type" tag a message carries in JSON, if any."""
@@ -293,8 +296,11 @@ class Codec:
 
                 return decode_messages
             convert = _scalar_converter(field)
+            single = field.full_name in _SINGLE_STRING_LISTS
 
             def decode_scalars(target: Message, data: Any, path: str) -> None:
+                if single and isinstance(data, str):
+                    data = [data]
                 if not isinstance(data, list):
                     raise _invalid_type(path, "an array", data)
                 getattr(target, name).extend(

@@ -35,6 +35,8 @@ class ServerConfig:
     # Seconds in-flight calls and background responses get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     background_concurrency: int = 64
+    # The routing table (upstreams, aliases); ./venna.toml when unset and that file exists.
+    routing_config: Path | None = None
 
 
 class _CallDetails(grpc.HandlerCallDetails):
@@ -67,7 +69,7 @@ class VennaServer:
     def __init__(self, config: ServerConfig, router: Router | None = None) -> None:
         self.config = config
         self.db = AsyncStore(Store(config.db_path))
-        self.router = router or default_router()
+        self.router = router or default_router(config.routing_config)
         self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
         self.service = ResponsesService(self.db, self.router, self.runner)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package

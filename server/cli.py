@@ -60,6 +60,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve_command.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve_command.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("VENNA_CONFIG") or None,
+        metavar="PATH",
+        help="routing table: upstreams and model aliases (env VENNA_CONFIG; default ./venna.toml if present)",
+    )
+    serve_command.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("VENNA_SHUTDOWN_GRACE", str(DEFAULTS.shutdown_grace))),
@@ -160,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             db_path=Path(options.db),
             shutdown_grace=options.shutdown_grace,
             background_concurrency=options.background_concurrency,
+            routing_config=options.config,
         )
         try:
             asyncio.run(serve(config, None if options.no_http else options.http_listen))

@@ -17,6 +17,7 @@ responses up to a grace period, fails the ones still running and leaves queued o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator
 
@@ -184,8 +185,9 @@ class BackgroundRunner:
                     self._db.store.save_response, live.workspace_id, builder.response, events=start
                 )
                 live.publish(start)
-                backend = self._router.resolve(generation.model)
-                execution = Execution(builder, backend, generation)
+                route = self._router.resolve(generation.model)
+                generation = dataclasses.replace(generation, model=route.model)
+                execution = Execution(builder, route.backend, generation)
                 try:
                     async for batch in execution.batches():
                         self._stage(live, batch)

@@ -180,7 +180,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         """Validates a create request and gathers everything its run needs; stores nothing."""
         workspace_id = auth.workspace_id()
         validate_create(request)
-        backend = self._router.resolve(request.model)
+        route = self._router.resolve(request.model)
         history: list[response_pb2.Item] = []
         if request.HasField("previous_response_id"):
             history = await self._history(workspace_id, request.previous_response_id)
@@ -190,17 +190,17 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         del normalized.input[:]
         normalized.input.extend(input_items)
         generation = base.GenerationRequest(
-            model=request.model,
+            model=route.model,
             context=[*history, *input_items],
             request=normalized,
             instructions=request.instructions if request.HasField("instructions") else None,
         )
         try:
-            backend.validate(generation)
+            route.backend.validate(generation)
         except base.BackendError as error:
             raise errors.from_backend(error) from None
         response = _initial_response(request)
-        return _Run(workspace_id, ResponseBuilder(response), backend, generation, input_items)
+        return _Run(workspace_id, ResponseBuilder(response), route.backend, generation, input_items)
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)

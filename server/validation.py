@@ -19,6 +19,8 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MIN_MAX_OUTPUT_TOKENS = 16
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,31 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
             len(request.safety_identifier) <= 64,
             "safety_identifier",
             "Invalid 'safety_identifier': at most 64 characters.",
+        )
+    check(
+        len(request.stop) <= MAX_STOP_SEQUENCES,
+        "stop",
+        f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} sequences are allowed, got {len(request.stop)}.",
+    )
+    for index, sequence in enumerate(request.stop):
+        check(
+            0 < len(sequence) <= MAX_STOP_LENGTH,
+            f"stop[{index}]",
+            f"Invalid 'stop[{index}]': a stop sequence has 1 to {MAX_STOP_LENGTH} characters.",
+        )
+    if request.HasField("venice_parameters"):
+        venice = request.venice_parameters
+        check(
+            not venice.enable_e2ee,
+            "venice_parameters.enable_e2ee",
+            "Unsupported value: 'venice_parameters.enable_e2ee' must be false. End-to-end encryption "
+            "needs a client that encrypts its own requests; false selects TEE-only inference.",
+            "UNSUPPORTED_VALUE",
+        )
+        check(
+            not venice.HasField("character_slug") or bool(venice.character_slug),
+            "venice_parameters.character_slug",
+            "Invalid 'venice_parameters.character_slug': empty string.",
         )
     if request.background:
         check(

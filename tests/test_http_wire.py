@@ -793,3 +793,29 @@ def test_json_schema_format_validates(http: httpx.Client) -> None:
     assert response.status_code == 200
     validate(response.json(), "Response")
     assert response.json()["text"]["format"]["name"] == "answer"
+
+
+# --------------------------------------------------------------------------- settings beyond OpenAI's
+
+
+def test_stop_as_one_string_or_a_list(http: httpx.Client) -> None:
+    """``stop`` takes one string or a list, as OpenAI's chat API does; echo stops at it."""
+    assert output_text(create(http, model="echo", input="alpha beta gamma", stop=" gamma")) == "alpha beta"
+    assert output_text(create(http, model="echo", input="alpha beta gamma", stop=["beta", "x"])) == "alpha"
+    too_many = error(
+        http.post("/responses", json={"model": "echo", "input": "x", "stop": list("abcde")}), 400
+    )
+    assert (too_many["param"], too_many["code"]) == ("stop", "invalid_value")
+
+
+def test_settings_a_model_cannot_honour_are_refused(http: httpx.Client) -> None:
+    parameters = {"model": "echo", "input": "x", "venice_parameters": {"character_slug": "alan-watts"}}
+    refused = error(http.post("/responses", json=parameters), 400)
+    assert (refused["param"], refused["code"]) == ("venice_parameters", "unsupported_parameter")
+    assert "'venice_parameters'" in refused["message"] and "'echo'" in refused["message"]
+    # Venice options its Responses endpoint does not honour are not part of the contract at all.
+    parameters["venice_parameters"] = {"disable_thinking": True}
+    unknown = error(http.post("/responses", json=parameters), 400)
+    assert (unknown["param"], unknown["code"]) == ("venice_parameters.disable_thinking", "unknown_parameter")
+    e2ee = {"model": "echo", "input": "x", "venice_parameters": {"enable_e2ee": True}}
+    assert error(http.post("/responses", json=e2ee), 400)["param"] == "venice_parameters.enable_e2ee"

@@ -20,6 +20,26 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _VeniceWebSearch:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VeniceWebSearchEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VeniceWebSearch.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VENICE_WEB_SEARCH_UNSPECIFIED: _VeniceWebSearch.ValueType  # 0
+    VENICE_WEB_SEARCH_AUTO: _VeniceWebSearch.ValueType  # 1
+    VENICE_WEB_SEARCH_OFF: _VeniceWebSearch.ValueType  # 2
+    VENICE_WEB_SEARCH_ON: _VeniceWebSearch.ValueType  # 3
+
+class VeniceWebSearch(_VeniceWebSearch, metaclass=_VeniceWebSearchEnumTypeWrapper):
+    """When Venice searches the web for an answer."""
+
+VENICE_WEB_SEARCH_UNSPECIFIED: VeniceWebSearch.ValueType  # 0
+VENICE_WEB_SEARCH_AUTO: VeniceWebSearch.ValueType  # 1
+VENICE_WEB_SEARCH_OFF: VeniceWebSearch.ValueType  # 2
+VENICE_WEB_SEARCH_ON: VeniceWebSearch.ValueType  # 3
+Global___VeniceWebSearch: _TypeAlias = VeniceWebSearch  # noqa: Y015
+
 class _Order:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -87,6 +107,9 @@ class CreateResponseRequest(_message.Message):
     MAX_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     INCLUDE_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    VENICE_PARAMETERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model to run, e.g. "echo" or "venna-1"; backends may accept ":"-separated suffixes."""
     instructions: _builtins.str
@@ -114,6 +137,8 @@ class CreateResponseRequest(_message.Message):
     prompt_cache_key: _builtins.str
     max_tool_calls: _builtins.int
     top_logprobs: _builtins.int
+    seed: _builtins.int
+    """Best-effort deterministic sampling, where the model supports it."""
     @_builtins.property
     def input(self) -> _containers.RepeatedCompositeFieldContainer[_response_pb2.Item]:
         """The new input. A JSON string stands for one user message with that text."""
@@ -135,6 +160,16 @@ class CreateResponseRequest(_message.Message):
     @_builtins.property
     def include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra output to include, as OpenAI's IncludeEnum strings."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to 4 sequences at which generation stops; a JSON string stands for one. Refused by
+        models whose backend does not accept it, like every setting below.
+        """
+
+    @_builtins.property
+    def venice_parameters(self) -> Global___VeniceParameters:
+        """Venice.ai options; only venice models accept them."""
 
     def __init__(
         self,
@@ -162,10 +197,13 @@ class CreateResponseRequest(_message.Message):
         max_tool_calls: _builtins.int | None = ...,
         top_logprobs: _builtins.int | None = ...,
         include: _abc.Iterable[_builtins.str] | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        seed: _builtins.int | None = ...,
+        venice_parameters: Global___VeniceParameters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "service_tier", b"service_tier", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_seed", b"_seed", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "_venice_parameters", b"_venice_parameters", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "seed", b"seed", "service_tier", b"service_tier", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user", "venice_parameters", b"venice_parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "background", b"background", "include", b"include", "input", b"input", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "service_tier", b"service_tier", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_seed", b"_seed", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "_venice_parameters", b"_venice_parameters", "background", b"background", "include", b"include", "input", b"input", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "seed", b"seed", "service_tier", b"service_tier", "stop", b"stop", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "user", b"user", "venice_parameters", b"venice_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instructions: _TypeAlias = _typing.Literal["instructions"]  # noqa: Y015
     _WhichOneofArgType__instructions: _TypeAlias = _typing.Literal["_instructions", b"_instructions"]  # noqa: Y015
@@ -183,6 +221,8 @@ class CreateResponseRequest(_message.Message):
     _WhichOneofArgType__reasoning: _TypeAlias = _typing.Literal["_reasoning", b"_reasoning"]  # noqa: Y015
     _WhichOneofReturnType__safety_identifier: _TypeAlias = _typing.Literal["safety_identifier"]  # noqa: Y015
     _WhichOneofArgType__safety_identifier: _TypeAlias = _typing.Literal["_safety_identifier", b"_safety_identifier"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__service_tier: _TypeAlias = _typing.Literal["service_tier"]  # noqa: Y015
     _WhichOneofArgType__service_tier: _TypeAlias = _typing.Literal["_service_tier", b"_service_tier"]  # noqa: Y015
     _WhichOneofReturnType__store: _TypeAlias = _typing.Literal["store"]  # noqa: Y015
@@ -199,6 +239,8 @@ class CreateResponseRequest(_message.Message):
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     _WhichOneofReturnType__user: _TypeAlias = _typing.Literal["user"]  # noqa: Y015
     _WhichOneofArgType__user: _TypeAlias = _typing.Literal["_user", b"_user"]  # noqa: Y015
+    _WhichOneofReturnType__venice_parameters: _TypeAlias = _typing.Literal["venice_parameters"]  # noqa: Y015
+    _WhichOneofArgType__venice_parameters: _TypeAlias = _typing.Literal["_venice_parameters", b"_venice_parameters"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instructions) -> _WhichOneofReturnType__instructions | None: ...
     @_typing.overload
@@ -216,6 +258,8 @@ class CreateResponseRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__safety_identifier) -> _WhichOneofReturnType__safety_identifier | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__service_tier) -> _WhichOneofReturnType__service_tier | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__store) -> _WhichOneofReturnType__store | None: ...
@@ -231,8 +275,83 @@ class CreateResponseRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__user) -> _WhichOneofReturnType__user | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__venice_parameters) -> _WhichOneofReturnType__venice_parameters | None: ...
 
 Global___CreateResponseRequest: _TypeAlias = CreateResponseRequest  # noqa: Y015
+
+@_typing.final
+class VeniceParameters(_message.Message):
+    """The subset of Venice.ai's venice_parameters its Responses endpoint honours. Keys outside it
+    (strip_thinking_response, disable_thinking, enable_x_search, ...) are refused as unknown.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARACTER_SLUG_FIELD_NUMBER: _builtins.int
+    ENABLE_E2EE_FIELD_NUMBER: _builtins.int
+    ENABLE_WEB_SEARCH_FIELD_NUMBER: _builtins.int
+    ENABLE_WEB_SCRAPING_FIELD_NUMBER: _builtins.int
+    ENABLE_WEB_CITATIONS_FIELD_NUMBER: _builtins.int
+    INCLUDE_VENICE_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    INCLUDE_SEARCH_RESULTS_IN_STREAM_FIELD_NUMBER: _builtins.int
+    character_slug: _builtins.str
+    """A Venice character to answer as."""
+    enable_e2ee: _builtins.bool
+    """Must be false when set: end-to-end encryption needs a client that encrypts its own
+    requests, which a gateway storing conversations cannot be; false selects TEE-only inference
+    on E2EE-capable models.
+    """
+    enable_web_search: Global___VeniceWebSearch.ValueType
+    enable_web_scraping: _builtins.bool
+    enable_web_citations: _builtins.bool
+    include_venice_system_prompt: _builtins.bool
+    include_search_results_in_stream: _builtins.bool
+    def __init__(
+        self,
+        *,
+        character_slug: _builtins.str | None = ...,
+        enable_e2ee: _builtins.bool | None = ...,
+        enable_web_search: Global___VeniceWebSearch.ValueType | None = ...,
+        enable_web_scraping: _builtins.bool | None = ...,
+        enable_web_citations: _builtins.bool | None = ...,
+        include_venice_system_prompt: _builtins.bool | None = ...,
+        include_search_results_in_stream: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_character_slug", b"_character_slug", "_enable_e2ee", b"_enable_e2ee", "_enable_web_citations", b"_enable_web_citations", "_enable_web_scraping", b"_enable_web_scraping", "_enable_web_search", b"_enable_web_search", "_include_search_results_in_stream", b"_include_search_results_in_stream", "_include_venice_system_prompt", b"_include_venice_system_prompt", "character_slug", b"character_slug", "enable_e2ee", b"enable_e2ee", "enable_web_citations", b"enable_web_citations", "enable_web_scraping", b"enable_web_scraping", "enable_web_search", b"enable_web_search", "include_search_results_in_stream", b"include_search_results_in_stream", "include_venice_system_prompt", b"include_venice_system_prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_character_slug", b"_character_slug", "_enable_e2ee", b"_enable_e2ee", "_enable_web_citations", b"_enable_web_citations", "_enable_web_scraping", b"_enable_web_scraping", "_enable_web_search", b"_enable_web_search", "_include_search_results_in_stream", b"_include_search_results_in_stream", "_include_venice_system_prompt", b"_include_venice_system_prompt", "character_slug", b"character_slug", "enable_e2ee", b"enable_e2ee", "enable_web_citations", b"enable_web_citations", "enable_web_scraping", b"enable_web_scraping", "enable_web_search", b"enable_web_search", "include_search_results_in_stream", b"include_search_results_in_stream", "include_venice_system_prompt", b"include_venice_system_prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__character_slug: _TypeAlias = _typing.Literal["character_slug"]  # noqa: Y015
+    _WhichOneofArgType__character_slug: _TypeAlias = _typing.Literal["_character_slug", b"_character_slug"]  # noqa: Y015
+    _WhichOneofReturnType__enable_e2ee: _TypeAlias = _typing.Literal["enable_e2ee"]  # noqa: Y015
+    _WhichOneofArgType__enable_e2ee: _TypeAlias = _typing.Literal["_enable_e2ee", b"_enable_e2ee"]  # noqa: Y015
+    _WhichOneofReturnType__enable_web_citations: _TypeAlias = _typing.Literal["enable_web_citations"]  # noqa: Y015
+    _WhichOneofArgType__enable_web_citations: _TypeAlias = _typing.Literal["_enable_web_citations", b"_enable_web_citations"]  # noqa: Y015
+    _WhichOneofReturnType__enable_web_scraping: _TypeAlias = _typing.Literal["enable_web_scraping"]  # noqa: Y015
+    _WhichOneofArgType__enable_web_scraping: _TypeAlias = _typing.Literal["_enable_web_scraping", b"_enable_web_scraping"]  # noqa: Y015
+    _WhichOneofReturnType__enable_web_search: _TypeAlias = _typing.Literal["enable_web_search"]  # noqa: Y015
+    _WhichOneofArgType__enable_web_search: _TypeAlias = _typing.Literal["_enable_web_search", b"_enable_web_search"]  # noqa: Y015
+    _WhichOneofReturnType__include_search_results_in_stream: _TypeAlias = _typing.Literal["include_search_results_in_stream"]  # noqa: Y015
+    _WhichOneofArgType__include_search_results_in_stream: _TypeAlias = _typing.Literal["_include_search_results_in_stream", b"_include_search_results_in_stream"]  # noqa: Y015
+    _WhichOneofReturnType__include_venice_system_prompt: _TypeAlias = _typing.Literal["include_venice_system_prompt"]  # noqa: Y015
+    _WhichOneofArgType__include_venice_system_prompt: _TypeAlias = _typing.Literal["_include_venice_system_prompt", b"_include_venice_system_prompt"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__character_slug) -> _WhichOneofReturnType__character_slug | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enable_e2ee) -> _WhichOneofReturnType__enable_e2ee | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enable_web_citations) -> _WhichOneofReturnType__enable_web_citations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enable_web_scraping) -> _WhichOneofReturnType__enable_web_scraping | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enable_web_search) -> _WhichOneofReturnType__enable_web_search | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__include_search_results_in_stream) -> _WhichOneofReturnType__include_search_results_in_stream | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__include_venice_system_prompt) -> _WhichOneofReturnType__include_venice_system_prompt | None: ...
+
+Global___VeniceParameters: _TypeAlias = VeniceParameters  # noqa: Y015
 
 @_typing.final
 class GetResponseRequest(_message.Message):
