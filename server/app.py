@@ -37,6 +37,9 @@ class ServerConfig:
     background_concurrency: int = 64
     # The routing table (upstreams, aliases); ./venna.toml when unset and that file exists.
     routing_config: Path | None = None
+    # How long an accepted key is trusted without asking the store: a revoked key keeps
+    # working in a running server for at most this long.
+    key_cache_seconds: float = 5.0
 
 
 class _CallDetails(grpc.HandlerCallDetails):
@@ -73,7 +76,7 @@ class VennaServer:
         self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
         self.service = ResponsesService(self.db, self.router, self.runner)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
-        self.interceptor = AuthInterceptor(self.db)
+        self.interceptor = AuthInterceptor(self.db, config.key_cache_seconds)
         self.server = grpc.aio.server(
             interceptors=[self.interceptor],
             # Requests may carry long histories and inline files; gRPC's default is 4 MiB.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -45,9 +46,40 @@ def _bearer_key(context: Context) -> str | None:
     return None
 
 
+class KeyCache:
+    """Recently accepted keys, so that a call does not wait on the store to know its workspace.
+
+    Only acceptances are kept (a new key works at once) and only for ``ttl`` seconds, which
+    bounds how long a revoked key keeps working in a running server.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._entries[key]
+            return None
+        return entry[0]
+
+    def put(self, key: str, workspace: str) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        self._entries[key] = (workspace, time.monotonic() + self.ttl)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, db: AsyncStore) -> None:
+    def __init__(self, db: AsyncStore, key_cache_seconds: float = 5.0) -> None:
         self._db = db
+        self._keys = KeyCache(key_cache_seconds)
 
     async def _authenticate(self, context: Context) -> None:
         key = _bearer_key(context)
@@ -57,13 +89,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "Missing API key: send 'authorization: Bearer vk_…'.",
                 reason="MISSING_API_KEY",
             )
-        found = await self._db.call(self._db.store.authenticate, key)
+        found = self._keys.get(key)
         if found is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "Invalid API key: the key is unknown or has been revoked.",
-                reason="INVALID_API_KEY",
-            )
+            found = await self._db.call(self._db.store.authenticate, key)
+            if found is None:
+                raise ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "Invalid API key: the key is unknown or has been revoked.",
+                    reason="INVALID_API_KEY",
+                )
+            self._keys.put(key, found)
         _workspace.set(found)
 
     async def intercept_service(  # type: ignore[override]  # grpc returns None for unknown methods

@@ -80,6 +80,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
     )
+    serve_command.add_argument(
+        "--key-cache-seconds",
+        type=float,
+        default=float(_env("VENNA_KEY_CACHE_SECONDS", str(DEFAULTS.key_cache_seconds))),
+        metavar="SECONDS",
+        help="how long an accepted key is trusted without a lookup; bounds how long a revoked key "
+        "keeps working (env VENNA_KEY_CACHE_SECONDS)",
+    )
     serve_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
 
     http_command = commands.add_parser("http", help="run only the HTTP shim, in front of a gRPC target")
@@ -168,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_grace=options.shutdown_grace,
             background_concurrency=options.background_concurrency,
             routing_config=options.config,
+            key_cache_seconds=options.key_cache_seconds,
         )
         try:
             asyncio.run(serve(config, None if options.no_http else options.http_listen))

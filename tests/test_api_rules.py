@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -10,7 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.conftest import Client, Venna, user_message
+from tests.conftest import Client, Venna, serving, user_message
 from venna.responses.v1 import response_pb2, service_pb2
 
 
@@ -43,14 +45,20 @@ async def test_missing_bad_and_revoked_keys_are_unauthenticated(venna: Venna) ->
             await venna.client(bad).create(input="hi")
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    db = venna.server.db
-    key, record = await db.call(db.store.create_key, "gamma")
-    assert (await venna.client(key).create(input="hi")).status == response_pb2.RESPONSE_STATUS_COMPLETED
-    assert await db.call(db.store.revoke_key, record.id)
-    with pytest.raises(grpc.aio.AioRpcError) as revoked:
-        await venna.client(key).create(input="hi")
-    assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert details(revoked.value)[0].reason == "INVALID_API_KEY"
+
+async def test_a_revoked_key_stops_working_once_its_cache_entry_expires(tmp_path: Path) -> None:
+    async with serving(tmp_path / "venna.db", key_cache_seconds=0.3) as venna:
+        db = venna.server.db
+        key, record = await db.call(db.store.create_key, "gamma")
+        # A new key works at once: refusals are never cached.
+        assert (await venna.client(key).create(input="hi")).status == response_pb2.RESPONSE_STATUS_COMPLETED
+        assert await db.call(db.store.revoke_key, record.id)
+        # Trusted from the cache for at most key_cache_seconds, then refused.
+        await asyncio.sleep(0.35)
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await venna.client(key).create(input="hi")
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert details(revoked.value)[0].reason == "INVALID_API_KEY"
 
 
 async def test_keys_are_stored_only_as_hashes(venna: Venna) -> None:
