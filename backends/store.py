@@ -10,6 +10,9 @@ Design points:
 * Protos are stored as serialized bytes: compact, and decoding is cheaper than JSON.
 * The class is synchronous and owns one connection; ``AsyncStore`` runs it on a single worker
   thread, so the event loop never blocks on SQLite and writes are naturally serialized.
+* Billing reads the ``usage`` table: one row per finished response, stored or not, written in
+  the same transaction as a stored response's final save. Rows have no foreign key and are
+  never deleted with their response: usage outlives what it was used for.
 """
 
 from __future__ import annotations
@@ -94,6 +97,45 @@ def m001_initial(db: Database) -> None:
     )
 
 
+_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens")
+
+
+@migrations()
+def m002_usage(db: Database) -> None:
+    """Usage records, one per finished response, filled in from the responses already stored."""
+    db.table("usage").create(
+        {
+            "response_id": str,
+            "workspace_id": str,
+            "model": str,
+            "status": str,  # completed, incomplete, failed or cancelled
+            **dict.fromkeys(_TOKEN_COLUMNS, int),
+            "created_at": int,  # the response's creation, unix seconds
+            "finished_at": int,
+        },
+        pk="response_id",
+        not_null={"workspace_id", "model", "status", *_TOKEN_COLUMNS, "created_at", "finished_at"},
+        defaults=dict.fromkeys(_TOKEN_COLUMNS, 0),
+    )
+    db.table("usage").create_index(["workspace_id", "created_at"])
+    after = 0
+    while True:  # in batches, so that a large database is not read into memory at once
+        finished = db.execute(
+            "SELECT rowid, workspace_id, body FROM responses WHERE rowid > ? AND status NOT IN (?, ?)"
+            " ORDER BY rowid LIMIT 1000",
+            [after, response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS],
+        ).fetchall()
+        if not finished:
+            return
+        rows = []
+        for _, workspace_id, body in finished:
+            response = response_pb2.Response.FromString(body)
+            finished_at = response.completed_at if response.HasField("completed_at") else response.created_at
+            rows.append(_usage_row(workspace_id, response, finished_at))
+        db.conn.executemany(_INSERT_USAGE, rows)
+        after = finished[-1][0]
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
@@ -101,6 +143,39 @@ class KeyRecord:
     hint: str
     created_at: int
     revoked_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: str
+    name: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Token totals of usage records: of one model, or of all of them (``model`` None)."""
+
+    model: str | None
+    responses: int
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    total_tokens: int
+
+
+def sum_usage(totals: Sequence[UsageTotal]) -> UsageTotal:
+    """One total (model None) over several, e.g. over the per-model totals."""
+    return UsageTotal(
+        model=None,
+        responses=sum(total.responses for total in totals),
+        input_tokens=sum(total.input_tokens for total in totals),
+        output_tokens=sum(total.output_tokens for total in totals),
+        reasoning_tokens=sum(total.reasoning_tokens for total in totals),
+        cached_tokens=sum(total.cached_tokens for total in totals),
+        total_tokens=sum(total.total_tokens for total in totals),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +196,31 @@ class PendingResponse:
 def _hash_key(key: str) -> str:
     # Keys are 256-bit random strings, so a fast unsalted hash cannot be brute-forced.
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+_INSERT_USAGE = (
+    "INSERT OR REPLACE INTO usage (response_id, workspace_id, model, status, input_tokens, output_tokens,"
+    " reasoning_tokens, cached_tokens, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _usage_row(
+    workspace_id: str, response: response_pb2.Response, finished_at: int
+) -> tuple[str, str, str, str, int, int, int, int, int, int]:
+    usage = response.usage
+    status = response_pb2.ResponseStatus.Name(response.status).removeprefix("RESPONSE_STATUS_").lower()
+    return (
+        response.id,
+        workspace_id,
+        response.model,
+        status,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.output_tokens_details.reasoning_tokens,
+        usage.input_tokens_details.cached_tokens,
+        response.created_at,
+        finished_at,
+    )
 
 
 def item_id(item: response_pb2.Item) -> str:
@@ -191,6 +291,10 @@ class Store:
             )
         return cursor.rowcount == 1
 
+    def list_workspaces(self) -> list[Workspace]:
+        rows = self._conn.execute("SELECT id, name, created_at FROM workspaces ORDER BY name").fetchall()
+        return [Workspace(*row) for row in rows]
+
     def authenticate(self, key: str) -> str | None:
         """The workspace id of a valid, unrevoked key."""
         if not key.startswith(KEY_PREFIX):
@@ -242,7 +346,9 @@ class Store:
     ) -> bool:
         """Updates a stored response and replaces its output; False if it no longer exists.
 
-        ``finished`` drops the kept request: a finished background run is never re-run.
+        ``finished`` drops the kept request (a finished background run is never re-run) and
+        writes the response's usage record, even when the response was deleted meanwhile: its
+        tokens were spent all the same.
         """
         with self.db.atomic():
             cursor = self._conn.execute(
@@ -251,12 +357,48 @@ class Store:
                 + " WHERE id = ? AND workspace_id = ?",
                 [response.status, _body_without_output(response), response.id, workspace_id],
             )
+            if finished:
+                self._conn.execute(_INSERT_USAGE, _usage_row(workspace_id, response, int(time.time())))
             if cursor.rowcount != 1:
                 return False
             self._conn.execute("DELETE FROM items WHERE response_id = ? AND kind = ?", [response.id, _OUTPUT])
             self._insert_items(workspace_id, response.id, _OUTPUT, response.output)
             self._insert_events(response.id, events)
         return True
+
+    def record_usage(self, workspace_id: str, response: response_pb2.Response) -> None:
+        """Writes the usage record of a finished response that is not stored (``store: false``);
+        writing it again replaces it."""
+        with self.db.atomic():
+            self._conn.execute(_INSERT_USAGE, _usage_row(workspace_id, response, int(time.time())))
+
+    def usage_totals(
+        self,
+        workspace_id: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        group_by_model: bool = False,
+    ) -> list[UsageTotal]:
+        """Totals of the workspace's responses created in [since, until), per model (by name) or
+        as one total; no entry for an empty range."""
+        conditions = ["workspace_id = ?"]
+        parameters: list[object] = [workspace_id]
+        if since is not None:
+            conditions.append("created_at >= ?")
+            parameters.append(since)
+        if until is not None:
+            conditions.append("created_at < ?")
+            parameters.append(until)
+        rows = self._conn.execute(
+            f"SELECT {'model' if group_by_model else 'NULL'}, COUNT(*), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(reasoning_tokens), SUM(cached_tokens),"
+            " SUM(input_tokens + output_tokens)"
+            f" FROM usage WHERE {' AND '.join(conditions)}"
+            + (" GROUP BY model ORDER BY model" if group_by_model else ""),
+            parameters,
+        ).fetchall()
+        return [UsageTotal(*row) for row in rows if row[1]]
 
     def append_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
         with self.db.atomic():

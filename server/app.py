@@ -20,12 +20,14 @@ from server.auth import AuthInterceptor
 from server.routing import Router, default_router
 from server.runner import BackgroundRunner
 from server.service import ResponsesService
-from venna.responses.v1 import service_pb2, service_pb2_grpc
+from server.usage import UsageService
+from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_name
+USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 
 
 @dataclass(slots=True)
@@ -75,6 +77,7 @@ class VennaServer:
         self.router = router or default_router(config.routing_config)
         self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
         self.service = ResponsesService(self.db, self.router, self.runner)
+        self.usage = UsageService(self.db)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
         self.interceptor = AuthInterceptor(self.db, config.key_cache_seconds)
         self.server = grpc.aio.server(
@@ -85,10 +88,12 @@ class VennaServer:
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, self.server)
         recorder = _HandlerRecorder()
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, self.server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, recorder)  # type: ignore[arg-type]
         self._handlers = recorder.handlers
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, USAGE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
 
@@ -98,7 +103,7 @@ class VennaServer:
             raise OSError(f"cannot listen on {self.config.grpc_listen}")
         await self.server.start()
         await self.runner.recover()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC listening on %s", self.address)
 

@@ -1,8 +1,9 @@
 """Workspace keys on gRPC: ``authorization: Bearer vk_…`` resolves to the caller's workspace.
 
-The interceptor wraps each handler of the Responses service so that, inside the handler's own
-task, the workspace is set in a context variable (read with ``workspace_id()``) and
-ServiceErrors become gRPC statuses with their details. Health and reflection stay open.
+The interceptor wraps each handler of the ``venna.responses.v1`` services (Responses, Usage)
+so that, inside the handler's own task, the workspace is set in a context variable (read with
+``workspace_id()``) and ServiceErrors become gRPC statuses with their details. Health and
+reflection stay open.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-PROTECTED_SERVICE_PREFIX = "/venna.responses.v1.ResponsesService/"
+# Every service of the contract's package needs a key.
+PROTECTED_SERVICE_PREFIX = "/venna.responses.v1."
 
 # The servicer context of a call of any of our RPCs.
 Context = grpc.aio.ServicerContext[Any, Any]

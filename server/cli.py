@@ -1,4 +1,4 @@
-"""The ``venna`` command: ``serve``, ``http`` and ``keys``.
+"""The ``venna`` command: ``serve``, ``http``, ``keys`` and ``usage``.
 
 This is where the gRPC service and the HTTP shim are composed; neither imports the other.
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backends.store import Store
+from backends.store import Store, UsageTotal, sum_usage
 from gateway_http.app import create_app
 from gateway_http.client import ChannelClient, InProcessClient, open_channel
 from gateway_http.server import HttpServer
@@ -116,7 +118,40 @@ def _build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key by its id (see 'keys list')")
     revoke.add_argument("key_id")
     add_db(revoke)
+
+    usage = commands.add_parser(
+        "usage", help="token usage per workspace, from the usage records of finished responses"
+    )
+    usage.add_argument("--workspace", metavar="NAME", help="only this workspace (default: every workspace)")
+    usage.add_argument(
+        "--since",
+        type=_time_bound,
+        metavar="YYYY-MM-DD|UNIX",
+        help="count responses created at or after this time (UTC; an ISO date-time also works)",
+    )
+    usage.add_argument(
+        "--until",
+        type=_time_bound,
+        metavar="YYYY-MM-DD|UNIX",
+        help="count responses created before this time (UTC; an ISO date-time also works)",
+    )
+    usage.add_argument("--by-model", action="store_true", help="one row per model")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_db(usage)
     return parser
+
+
+def _time_bound(value: str) -> int:
+    """Unix seconds from unix seconds or an ISO date (-time), UTC unless it names a zone."""
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD or unix seconds, got '{value}'") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
 
 
 async def serve(config: ServerConfig, http_listen: str | None) -> None:
@@ -156,6 +191,62 @@ def _when(timestamp: int | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if timestamp else "-"
 
 
+_USAGE_COLUMNS = ("responses", "input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens")
+
+
+def _table_row(label: str, total: UsageTotal, width: int) -> str:
+    counts = [getattr(total, column) for column in (*_USAGE_COLUMNS, "total_tokens")]
+    return f"{label:<{width}}" + "".join(f" {count:>12}" for count in counts)
+
+
+def usage_report(store: Store, options: argparse.Namespace) -> int:
+    """``venna usage``: a table (or JSON) of token totals per workspace."""
+    if options.since is not None and options.until is not None and options.since > options.until:
+        print("venna: --since is after --until", file=sys.stderr)
+        return 1
+    workspaces = store.list_workspaces()
+    if options.workspace is not None:
+        workspaces = [workspace for workspace in workspaces if workspace.name == options.workspace]
+        if not workspaces:
+            print(f"venna: no workspace named '{options.workspace}'", file=sys.stderr)
+            return 1
+    reports = []
+    for workspace in workspaces:
+        buckets = store.usage_totals(
+            workspace.id, since=options.since, until=options.until, group_by_model=options.by_model
+        )
+        reports.append((workspace, buckets, sum_usage(buckets)))
+    if options.json:
+        document = {
+            "since": options.since,
+            "until": options.until,
+            "workspaces": [
+                {
+                    "workspace": workspace.name,
+                    "workspace_id": workspace.id,
+                    "buckets": [dataclasses.asdict(bucket) for bucket in buckets],
+                    "total": dataclasses.asdict(total),
+                }
+                for workspace, buckets, total in reports
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    since = _when(options.since) if options.since is not None else "the start"
+    until = _when(options.until) if options.until is not None else "now"
+    print(f"responses created from {since} until {until}")
+    for workspace, buckets, total in reports:
+        width = max([5, *(len(bucket.model or "") for bucket in buckets)])
+        print(f"\nworkspace {workspace.name} ({workspace.id})")
+        header = ("RESPONSES", "INPUT", "OUTPUT", "REASONING", "CACHED", "TOTAL")
+        print(f"{'MODEL':<{width}}" + "".join(f" {title:>12}" for title in header))
+        if options.by_model:
+            for bucket in buckets:
+                print(_table_row(bucket.model or "", bucket, width))
+        print(_table_row("all", total, width))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = _build_parser().parse_args(argv)
     if options.command in ("serve", "http"):
@@ -187,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     store = Store(options.db)
     try:
+        if options.command == "usage":
+            return usage_report(store, options)
         if options.keys_command == "create":
             key, record = store.create_key(options.workspace)
             print(

@@ -308,13 +308,29 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         await self._save(run)
 
     async def _save(self, run: _Run) -> None:
+        """The final write of a finished response. An unstored one leaves only its usage
+        record, which nothing in the reply depends on: that is written without waiting."""
         if run.stored:
-            await self._db.call(
-                self._store.save_response, run.workspace_id, run.builder.response, finished=True
-            )
+            await self._write(run)
+        else:
+            self._save_detached(run)
+
+    async def _write(self, run: _Run) -> None:
+        response = run.builder.response
+        if run.stored:
+            # The usage record is written in the same transaction.
+            await self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
+        else:
+            await self._db.call(self._store.record_usage, run.workspace_id, response)
+
+    async def _write_detached(self, run: _Run) -> None:
+        try:
+            await self._write(run)
+        except Exception:
+            log.exception("could not store the end of response %s", run.builder.response.id)
 
     def _save_detached(self, run: _Run) -> None:
-        task = asyncio.get_running_loop().create_task(self._save(run))
+        task = asyncio.get_running_loop().create_task(self._write_detached(run))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
@@ -332,7 +348,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     async def drain(self) -> None:
         """Waits for detached writes (at shutdown)."""
-        if self._detached:
+        while self._detached:
             await asyncio.wait(set(self._detached))
 
 
