@@ -157,8 +157,12 @@ class VeniceBackend:
                 task.add_done_callback(self._draining.discard)
             else:
                 # Closing the response closes the upstream connection: cancellation reaches Venice.
-                await events.aclose()
-                await response.aclose()
+                # Shielded, so that a second cancellation cannot leave the request half-closed
+                # (and the upstream generating, and billing, for nobody).
+                closing = asyncio.get_running_loop().create_task(_close(events, response))
+                self._draining.add(closing)
+                closing.add_done_callback(self._draining.discard)
+                await asyncio.shield(closing)
 
     async def aclose(self) -> None:
         if self._draining:
@@ -214,6 +218,15 @@ class VeniceBackend:
             return retry_after
         delay: float = self._backoff_base * 2 ** (attempt - 1)
         return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+async def _close(
+    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
+) -> None:
+    try:
+        await events.aclose()
+    finally:
+        await response.aclose()
 
 
 async def _drain(

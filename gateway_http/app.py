@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as Message_
 
-from gateway_http.client import SERVICE, CallError, Metadata, ServiceClient, message_class
+from gateway_http.client import SERVICES, CallError, Metadata, ServiceClient, message_class
 from gateway_http.codec import Codec, CodecError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class _Binding:
 
 def _bindings() -> list[_Binding]:
     grouped: dict[tuple[str, str], dict[str, Any]] = {}
-    for method in SERVICE.methods:
+    for method in (method for service in SERVICES for method in service.methods):
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
         if verb is None:
@@ -194,6 +194,8 @@ class ResponsesHttpApp:
     ) -> None:
         self.client = client
         self.codec = Codec()
+        # Stream pullers finishing their clean-up after their client left.
+        self._stopping: set[asyncio.Task[None]] = set()
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
 
@@ -321,6 +323,10 @@ class ResponsesHttpApp:
             try:
                 last_sequence_number = first.sequence_number  # type: ignore[attr-defined]
                 await queue.put(self._frame(first))
+                # Let the first frame go out before framing the rest of a burst: putting into a
+                # queue with room never suspends, so a backend that produces everything at
+                # once would otherwise delay the client's first event until the last.
+                await asyncio.sleep(0)
                 async for event in events:
                     last_sequence_number = event.sequence_number  # type: ignore[attr-defined]
                     await queue.put(self._frame(event))
@@ -347,9 +353,14 @@ class ResponsesHttpApp:
                 yield frame
         finally:
             # The client went away, or the stream ended: stop the work behind it either way.
+            # Cancelled once, then awaited through a shield: when this generator is itself
+            # being cancelled, a plain await would pass a second cancellation on to the puller
+            # and interrupt its clean-up (closing the backend and its upstream request).
             puller.cancel()
+            self._stopping.add(puller)
+            puller.add_done_callback(self._stopping.discard)
             try:
-                await puller
+                await asyncio.shield(puller)
             except BaseException as error:
                 if not isinstance(error, asyncio.CancelledError):
                     log.debug("event stream ended with %r", error)

@@ -23,9 +23,13 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from venna.responses.v1 import service_pb2
+from venna.responses.v1 import service_pb2, usage_pb2
 
-SERVICE: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"]
+# The services the shim serves over HTTP, by their google.api.http annotations.
+SERVICES: tuple[ServiceDescriptor, ...] = (
+    service_pb2.DESCRIPTOR.services_by_name["ResponsesService"],
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
+)
 # Large enough for any request body the shim accepts (gRPC's default is 4 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -149,7 +153,7 @@ class ChannelClient:
         self._channel = channel
         self._unary: dict[str, Any] = {}
         self._streams: dict[str, Any] = {}
-        for method in SERVICE.methods:
+        for method in (method for service in SERVICES for method in service.methods):
             path = method_path(method)
             output = message_class(method.output_type.full_name)
             if method.server_streaming:

@@ -18,6 +18,32 @@ from venna.responses.v1 import events_pb2, response_pb2
 
 Event = events_pb2.ResponseStreamEvent
 
+# OpenAI's ResponseErrorCode: the codes a failed response may report.
+RESPONSE_ERROR_CODES = frozenset(
+    {
+        "server_error",
+        "rate_limit_exceeded",
+        "invalid_prompt",
+        "data_residency_mismatch",
+        "bio_policy",
+        "vector_store_timeout",
+        "invalid_image",
+        "invalid_image_format",
+        "invalid_base64_image",
+        "invalid_image_url",
+        "image_too_large",
+        "image_too_small",
+        "image_parse_error",
+        "image_content_policy_violation",
+        "invalid_image_mode",
+        "image_file_too_large",
+        "unsupported_image_media_type",
+        "empty_image_file",
+        "failed_to_download_image",
+        "image_file_not_found",
+    }
+)
+
 
 def new_id(prefix: str) -> str:
     """An unguessable id with one of OpenAI's prefixes (resp_, msg_, fc_, rs_, ws_)."""
@@ -72,7 +98,12 @@ class ResponseBuilder:
         return events
 
     def failed(self, code: str, message: str) -> list[Event]:
+        """``code`` outside OpenAI's ResponseErrorCode list (an upstream's own) becomes
+        ``server_error``, which clients know; the message keeps the upstream's code."""
         self.response.status = response_pb2.RESPONSE_STATUS_FAILED
+        if code not in RESPONSE_ERROR_CODES:
+            message = f"{message} ({code})" if code else message
+            code = "server_error"
         self.response.error.code = code
         self.response.error.message = message
         return [self._lifecycle("failed")]
@@ -335,9 +366,12 @@ class ResponseBuilder:
             item.function_call.status = response_pb2.ITEM_STATUS_IN_PROGRESS
         elif kind == "reasoning":
             item.reasoning.id = new_id("rs")
+            item.reasoning.status = response_pb2.ITEM_STATUS_IN_PROGRESS
         elif kind == "web_search_call":
             item.web_search_call.id = new_id("ws")
             item.web_search_call.status = response_pb2.WEB_SEARCH_CALL_STATUS_IN_PROGRESS
+            # The action is required; a search it is, until the backend says more.
+            item.web_search_call.action.search.SetInParent()
         else:
             raise ValueError(f"unknown item kind {kind}")
         self._open = _OpenItem(kind=kind, index=len(self.response.output) - 1)

@@ -14,6 +14,7 @@ from gateway_http.app import create_app
 from gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
 from gateway_http.server import HttpServer
 from server.app import ServerConfig, VennaServer
+from server.routing import Router
 from tests.loop_thread import LoopThread, Shutdown
 
 TRANSPORTS = ("in_process", "channel")
@@ -28,6 +29,8 @@ class HttpVenna(LoopThread):
     base_url: str = ""
     grpc_address: str = ""
     keys: dict[str, str] = field(default_factory=dict)
+    # The backends to serve; None: the default routing table (echo, and Venice from VENICE_*).
+    router: Router | None = None
     thread_name = "venna-http-test"
 
     def __post_init__(self) -> None:
@@ -43,7 +46,7 @@ class HttpVenna(LoopThread):
 
     async def startup(self) -> Shutdown:
         server = VennaServer(
-            ServerConfig(grpc_listen="127.0.0.1:0", db_path=self.db_path, shutdown_grace=1.0)
+            ServerConfig(grpc_listen="127.0.0.1:0", db_path=self.db_path, shutdown_grace=1.0), self.router
         )
         await server.start()
         channel = None

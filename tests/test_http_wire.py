@@ -819,3 +819,24 @@ def test_settings_a_model_cannot_honour_are_refused(http: httpx.Client) -> None:
     assert (unknown["param"], unknown["code"]) == ("venice_parameters.disable_thinking", "unknown_parameter")
     e2ee = {"model": "echo", "input": "x", "venice_parameters": {"enable_e2ee": True}}
     assert error(http.post("/responses", json=e2ee), 400)["param"] == "venice_parameters.enable_e2ee"
+
+
+def test_usage_over_http(http: httpx.Client, http_venna: HttpVenna) -> None:
+    """GET /v1/usage totals the caller's workspace, as the GetUsage RPC does."""
+    create(http, model="echo", input="one two three")
+    create(http, model="echo", input="four five", store=False)
+    deadline = time.monotonic() + 5
+    while True:  # an unstored response's record is written just after its reply
+        grouped = http.get("/usage", params={"group_by_model": "true"})
+        assert grouped.status_code == 200, grouped.text
+        usage = grouped.json()
+        if usage["total"]["responses"] >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert usage["object"] == "usage"
+    assert "echo" in [bucket["model"] for bucket in usage["buckets"]]
+    assert usage["total"]["output_tokens"] >= 5 and isinstance(usage["total"]["output_tokens"], int)
+    with client_for(http_venna, http_venna.beta) as other:
+        assert other.get("/usage").json()["total"]["responses"] == 0
+    bad = error(http.get("/usage", params={"start_time": "10", "end_time": "5"}), 400)
+    assert bad["param"] in ("start_time", "end_time")
