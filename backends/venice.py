@@ -655,6 +655,23 @@ def _error_message(response: httpx.Response) -> str:
     return message
 
 
+def _error_code_and_param(response: httpx.Response) -> tuple[str | None, str | None]:
+    try:
+        body = response.json()
+    except ValueError:
+        return None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code, param = error.get("code"), error.get("param")
+    if param == "messages":  # the upstream speaks of its chat-completions form: here it is input
+        param = "input"
+    return (
+        code if isinstance(code, str) and code else None,
+        param if isinstance(param, str) and param else None,
+    )
+
+
 def _upstream_error(response: httpx.Response, retry_after: float | None) -> base.BackendError:
     status = response.status_code
     message = _error_message(response)
@@ -677,7 +694,11 @@ def _upstream_error(response: httpx.Response, retry_after: float | None) -> base
     if status == 504 or status == 408:
         return base.BackendError(base.ErrorKind.TIMEOUT, message, code="server_error")
     if 400 <= status < 500:
-        return base.BackendError(base.ErrorKind.INVALID_REQUEST, message, code="invalid_request")
+        # An OpenAI-shaped body names its own code and parameter (context_length_exceeded, …).
+        code, param = _error_code_and_param(response)
+        return base.BackendError(
+            base.ErrorKind.INVALID_REQUEST, message, code=code or "invalid_request", param=param
+        )
     return base.BackendError(base.ErrorKind.UNAVAILABLE, message, code="server_error")
 
 

@@ -532,7 +532,7 @@ HTTP_ERROR_CASES = {
     "400-string": upstream("400-string", *BAD, "invalid_request"),
     "400-detailed": upstream("400-detailed", *BAD, "invalid_request"),
     "400-detailed-string-details": upstream("400-detailed-string-details", *BAD, "invalid_request"),
-    "400-openai-shaped": upstream("400-openai-shaped", *BAD, "invalid_request"),
+    "400-openai-shaped": upstream("400-openai-shaped", *BAD, "context_length_exceeded", param="input"),
     "404": upstream("404", *BAD, "model_not_found", param="model"),
     "422": upstream("422", *BAD, "invalid_request"),
     "402": upstream("402", openai.RateLimitError, 429, "insufficient_quota", "insufficient_quota"),

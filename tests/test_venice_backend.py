@@ -647,7 +647,12 @@ ERROR_CASES = {
         says=("Invalid request parameters", "input must not be empty"),
     ),
     "400-openai-shaped": ErrorCase(
-        (error(400, OPENAI_SHAPED),), INVALID, says=("maximum context length is 8192",)
+        (error(400, OPENAI_SHAPED),),
+        INVALID,
+        reason="CONTEXT_LENGTH_EXCEEDED",
+        says=("maximum context length is 8192",),
+        # The chat-completions parameter is the Responses API's input.
+        metadata={"param": "input"},
     ),
     "404": ErrorCase((error(404, {"error": "Model not found"}),), INVALID, says=("Model not found",)),
     "422": ErrorCase(
