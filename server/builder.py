@@ -60,12 +60,44 @@ class _OpenItem:
     summary_part: int = -1
 
 
-class ResponseBuilder:
-    """Folds backend events into ``response`` and returns the stream events they cause."""
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
 
-    def __init__(self, response: response_pb2.Response, next_sequence_number: int = 0) -> None:
+
+def without_encrypted_reasoning(response: response_pb2.Response) -> response_pb2.Response:
+    """``response`` as a client sees it unless it asked for ``reasoning.encrypted_content``:
+    the opaque reasoning state stays with Venna, which sends it back upstream itself."""
+    if not any(item.reasoning.HasField("encrypted_content") for item in response.output):
+        return response
+    redacted = response_pb2.Response()
+    redacted.CopyFrom(response)
+    _clear_encrypted(redacted)
+    return redacted
+
+
+def _clear_encrypted(response: response_pb2.Response) -> None:
+    for item in response.output:
+        # Checked first: clearing a field of an unset union member would set that member.
+        if item.WhichOneof("item") == "reasoning":
+            item.reasoning.ClearField("encrypted_content")
+
+
+class ResponseBuilder:
+    """Folds backend events into ``response`` and returns the stream events they cause.
+
+    ``response`` keeps everything (it is what is stored); the events leave reasoning's
+    ``encrypted_content`` out unless ``expose_encrypted`` (the request included it).
+    """
+
+    def __init__(
+        self,
+        response: response_pb2.Response,
+        next_sequence_number: int = 0,
+        *,
+        expose_encrypted: bool = False,
+    ) -> None:
         self.response = response
         self.next_sequence_number = next_sequence_number
+        self.expose_encrypted = expose_encrypted
         self._open: _OpenItem | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,7 +174,7 @@ class ResponseBuilder:
                     reasoning.reasoning.encrypted_content = content
                     return []
                 events = self._open_item("reasoning")
-                self._item().reasoning.encrypted_content = content
+                self._item().reasoning.encrypted_content = content  # the added event has a copy
                 return events
             case base.FunctionCallStart(name=name, call_id=call_id):
                 events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
@@ -480,11 +512,12 @@ class ResponseBuilder:
                 if status == response_pb2.ITEM_STATUS_COMPLETED
                 else response_pb2.WEB_SEARCH_CALL_STATUS_FAILED
             )
-        events.append(
-            self._emit(
-                output_item_done=events_pb2.OutputItemDoneEvent(output_index=self._open.index, item=item)
-            )
+        done = self._emit(
+            output_item_done=events_pb2.OutputItemDoneEvent(output_index=self._open.index, item=item)
         )
+        if kind == "reasoning" and not self.expose_encrypted:
+            done.output_item_done.item.reasoning.ClearField("encrypted_content")
+        events.append(done)
         self._open = None
         return events
 
@@ -499,6 +532,8 @@ class ResponseBuilder:
     def _lifecycle(self, kind: str) -> Event:
         snapshot = response_pb2.Response()
         snapshot.CopyFrom(self.response)
+        if not self.expose_encrypted:
+            _clear_encrypted(snapshot)
         member = {
             "created": events_pb2.ResponseCreatedEvent,
             "queued": events_pb2.ResponseQueuedEvent,

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator
 
 from backends import base
 from backends.store import AsyncStore
-from server.builder import Event, ResponseBuilder
+from server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
 from server.execution import Execution
 from server.routing import Router
 from venna.responses.v1 import response_pb2, service_pb2
@@ -125,7 +125,10 @@ class BackgroundRunner:
         for pending in await self._db.call(self._db.store.pending_responses):
             response = pending.response
             last = await self._db.call(self._db.store.last_sequence_number, response.id)
-            builder = ResponseBuilder(response, next_sequence_number=last + 1)
+            included = pending.request.include if pending.request is not None else ()
+            builder = ResponseBuilder(
+                response, next_sequence_number=last + 1, expose_encrypted=ENCRYPTED_REASONING in included
+            )
             queued = response.status == response_pb2.RESPONSE_STATUS_QUEUED
             if queued and pending.request is not None and response.background:
                 try:

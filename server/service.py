@@ -14,7 +14,13 @@ import grpc
 from backends import base
 from backends.store import AsyncStore, item_id
 from server import auth, errors
-from server.builder import Event, ResponseBuilder, new_id
+from server.builder import (
+    ENCRYPTED_REASONING,
+    Event,
+    ResponseBuilder,
+    new_id,
+    without_encrypted_reasoning,
+)
 from server.execution import Execution
 from server.routing import Router
 from server.runner import BackgroundRunner, LiveResponse
@@ -74,7 +80,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 pass
         if execution.error is not None:
             raise errors.from_backend(execution.error, run.builder.response.id)
-        return run.builder.response
+        if run.builder.expose_encrypted:
+            return run.builder.response
+        return without_encrypted_reasoning(run.builder.response)
 
     async def StreamResponse(
         self, request: service_pb2.CreateResponseRequest, context: auth.Context
@@ -98,7 +106,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         violations: list[Violation] = []
         check_include(list(request.include), violations)
         raise_if_any(violations)
-        return await self._get(request.response_id)
+        response = await self._get(request.response_id)
+        return response if ENCRYPTED_REASONING in request.include else without_encrypted_reasoning(response)
 
     async def ResumeResponseStream(
         self, request: service_pb2.ResumeResponseStreamRequest, context: auth.Context
@@ -133,12 +142,12 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         _require_background(response, "cancelled", param="response_id")
         cancelled = await self._runner.cancel(workspace_id, response.id)
         if cancelled is not None:
-            return cancelled
+            return without_encrypted_reasoning(cancelled)
         if response.status in _UNFINISHED:
             # Unfinished but run by no one here (another process owned it): settle it in place.
             response.status = response_pb2.RESPONSE_STATUS_CANCELLED
             await self._db.call(self._store.save_response, workspace_id, response, finished=True)
-        return response
+        return without_encrypted_reasoning(response)
 
     async def ListInputItems(
         self, request: service_pb2.ListInputItemsRequest, context: auth.Context
@@ -200,7 +209,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         except base.BackendError as error:
             raise errors.from_backend(error) from None
         response = _initial_response(request)
-        return _Run(workspace_id, ResponseBuilder(response), route.backend, generation, input_items)
+        builder = ResponseBuilder(response, expose_encrypted=ENCRYPTED_REASONING in request.include)
+        return _Run(workspace_id, builder, route.backend, generation, input_items)
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)
@@ -271,7 +281,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         running.CopyFrom(builder.response)
         return self._runner.submit(
             run.workspace_id,
-            ResponseBuilder(running, next_sequence_number=builder.next_sequence_number),
+            ResponseBuilder(
+                running,
+                next_sequence_number=builder.next_sequence_number,
+                expose_encrypted=builder.expose_encrypted,
+            ),
             run.generation,
             list(events),
         )

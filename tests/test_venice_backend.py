@@ -45,7 +45,7 @@ from tests.fake_venice import (
     web_search_with_citations,
 )
 from tests.streams import MESSAGE_EVENTS
-from venna.responses.v1 import events_pb2, response_pb2
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 UPSTREAM_KEY = "test-upstream-key"
 UPSTREAM_MODEL = "zai-org-glm-5-1"
@@ -237,7 +237,14 @@ async def test_reasoning_then_text(gateway: Venna, fake: FakeVenice) -> None:
     reasoning, message = final.output
     assert reasoning.reasoning.id.startswith("rs_") and reasoning.reasoning.id != "rs_venice_1"
     assert [summary.text for summary in reasoning.reasoning.summary] == ["Rayleigh scattering favours blue."]
-    assert reasoning.reasoning.encrypted_content == encrypted
+    # Opaque reasoning state is the caller's only if it asked for it (include), as with OpenAI.
+    assert not reasoning.reasoning.HasField("encrypted_content")
+    assert all(not event.output_item_done.item.reasoning.encrypted_content for event in events)
+    included = await gateway.alpha.stub.GetResponse(
+        service_pb2.GetResponseRequest(response_id=final.id, include=["reasoning.encrypted_content"]),
+        metadata=gateway.alpha.metadata,
+    )
+    assert included.output[0].reasoning.encrypted_content == encrypted
     assert message.message.content[0].output_text.text == "Because of Rayleigh scattering."
     assert final.usage.output_tokens_details.reasoning_tokens == 40
     assert final.usage.input_tokens_details.cached_tokens == 5
