@@ -18,15 +18,17 @@ Design points:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -315,9 +317,16 @@ class Store:
         *,
         request: service_pb2.CreateResponseRequest | None = None,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
     ) -> None:
-        """Stores a new response with its input items (and, for background runs, its request)."""
+        """Stores a new response with its input items (and, for background runs, its request).
+
+        ``finished``: the response is stored only once it is over (no one could have asked for
+        it before), so its usage record is written in the same transaction.
+        """
         with self.db.atomic():
+            if finished:
+                self._conn.execute(_INSERT_USAGE, _usage_row(workspace_id, response, int(time.time())))
             self._conn.execute(
                 "INSERT INTO responses (id, workspace_id, previous_response_id, status, background,"
                 " created_at, body, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -571,16 +580,93 @@ _T = TypeVar("_T")
 
 
 class AsyncStore:
-    """Runs a Store's calls on one dedicated thread, off the event loop."""
+    """Runs a Store's calls on one dedicated thread, off the event loop, committing together.
+
+    Calls queue up while the thread works; it then takes all that are waiting (up to
+    MAX_BATCH) and runs them in one transaction, each in a savepoint of its own, so that
+    concurrent requests share one commit (group commit) and a failing call undoes only itself.
+    """
+
+    MAX_BATCH = 64
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="venna-store")
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="venna-store", daemon=True)
+        self._thread.start()
 
     async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._closed:
+            raise RuntimeError("the store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: method(*args, **kwargs))
+        future: asyncio.Future[_T] = loop.create_future()
+        self._calls.put(_Call(functools.partial(method, *args, **kwargs), loop, future))
+        return await future
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Runs the calls already queued, then closes the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._calls.put(None)
+        self._thread.join()
         self.store.close()
+
+    def _work(self) -> None:
+        conn = self.store.db.conn
+        while True:
+            first = self._calls.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    call = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if call is None:
+                    stop = True
+                    break
+                batch.append(call)
+            outcomes: list[tuple[bool, object]] = []
+            if len(batch) == 1:
+                outcomes.append(_run(first))
+            else:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    outcomes = [_run(call) for call in batch]  # each commits to a savepoint
+                    conn.execute("COMMIT")
+                except sqlite3.Error as error:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    outcomes = [(False, error)] * len(batch)
+            for call, (ok, value) in zip(batch, outcomes, strict=True):
+                call.loop.call_soon_threadsafe(_settle, call.future, ok, value)
+            if stop:
+                return
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    function: Callable[[], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _run(call: _Call) -> tuple[bool, object]:
+    try:
+        return True, call.function()
+    except Exception as error:
+        return False, error
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: object) -> None:
+    if future.cancelled():
+        return  # the caller went away; the work is done (and committed) all the same
+    if ok:
+        future.set_result(value)
+    else:
+        assert isinstance(value, BaseException)
+        future.set_exception(value)

@@ -50,6 +50,8 @@ class _Run:
     backend: base.Backend
     generation: base.GenerationRequest
     input_items: list[response_pb2.Item]
+    # Input of a response not stored yet: it is stored with its output once finished.
+    pending_input: list[response_pb2.Item] | None = None
 
     @property
     def stored(self) -> bool:
@@ -75,7 +77,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             await self._start_background(run)
             return run.builder.response
         execution = Execution(run.builder, run.backend, run.generation)
-        async with aclosing(self._foreground(run, execution)) as events:
+        # Nobody knows this response's id before the reply: it is stored once, when it is over.
+        async with aclosing(self._foreground(run, execution, announce=False)) as events:
             async for _ in events:
                 pass
         if execution.error is not None:
@@ -290,16 +293,22 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             list(events),
         )
 
-    async def _foreground(self, run: _Run, execution: Execution) -> AsyncGenerator[Event, None]:
+    async def _foreground(
+        self, run: _Run, execution: Execution, *, announce: bool = True
+    ) -> AsyncGenerator[Event, None]:
         """The events of a response generated while its caller waits.
 
         Lifecycle events are held back until the backend produced something, so a backend that
         fails at once becomes an error status instead of a stream that starts and fails.
+        ``announce``: store the response as in progress first, because the caller learns its id
+        (from response.created) while it runs; otherwise it is stored once, finished.
         """
         builder = run.builder
         response = builder.response
-        if run.stored:
+        if run.stored and announce:
             await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
+        elif run.stored:
+            run.pending_input = run.input_items
         head = builder.created() + builder.started()
         try:
             async with aclosing(execution.batches()) as batches:
@@ -331,7 +340,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     async def _write(self, run: _Run) -> None:
         response = run.builder.response
-        if run.stored:
+        if run.stored and run.pending_input is not None:
+            await self._db.call(
+                self._store.create_response, run.workspace_id, response, run.pending_input, finished=True
+            )
+        elif run.stored:
             # The usage record is written in the same transaction.
             await self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
         else:
