@@ -95,36 +95,63 @@ class ResponseBuilder:
         *,
         expose_encrypted: bool = False,
     ) -> None:
-        self.response = response
+        self._response = response
+        self.response_id = response.id
         self.next_sequence_number = next_sequence_number
         self.expose_encrypted = expose_encrypted
         self._open: _OpenItem | None = None
+        # Text deltas not yet appended to the snapshot, and where they go. Appending to a
+        # protobuf string copies the whole string, so a long answer is appended to in one go
+        # when something reads it, instead of once per delta.
+        self._pending: list[str] = []
+        self._pending_key: tuple[int, str, int] | None = None
+        self._pending_target: Any = None
+        self._pending_field = ""
+
+    @property
+    def response(self) -> response_pb2.Response:
+        """The response as it stands, every delta so far included."""
+        self._sync()
+        return self._response
+
+    def _buffer(self, key: tuple[int, str, int], target: Any, field: str, text: str) -> None:
+        """Appends ``text`` to ``target.field`` (a string), lazily; ``key`` names the target."""
+        if key != self._pending_key:
+            self._sync()
+            self._pending_key, self._pending_target, self._pending_field = key, target, field
+        self._pending.append(text)
+
+    def _sync(self) -> None:
+        if self._pending:
+            target, field = self._pending_target, self._pending_field
+            setattr(target, field, getattr(target, field) + "".join(self._pending))
+            self._pending.clear()
 
     # ------------------------------------------------------------------ lifecycle
 
     def created(self) -> list[Event]:
         """The first events: response.created, and response.queued for a queued response."""
         events = [self._lifecycle("created")]
-        if self.response.status == response_pb2.RESPONSE_STATUS_QUEUED:
+        if self._response.status == response_pb2.RESPONSE_STATUS_QUEUED:
             events.append(self._lifecycle("queued"))
         return events
 
     def started(self) -> list[Event]:
-        self.response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
+        self._response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
         return [self._lifecycle("in_progress")]
 
     def completed(self) -> list[Event]:
         events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
-        self.response.status = response_pb2.RESPONSE_STATUS_COMPLETED
-        self.response.completed_at = int(time.time())
+        self._response.status = response_pb2.RESPONSE_STATUS_COMPLETED
+        self._response.completed_at = int(time.time())
         self._ensure_usage()
         events.append(self._lifecycle("completed"))
         return events
 
     def incomplete(self, reason: response_pb2.IncompleteReason.ValueType) -> list[Event]:
         events = self._close_item(response_pb2.ITEM_STATUS_INCOMPLETE)
-        self.response.status = response_pb2.RESPONSE_STATUS_INCOMPLETE
-        self.response.incomplete_details.reason = reason
+        self._response.status = response_pb2.RESPONSE_STATUS_INCOMPLETE
+        self._response.incomplete_details.reason = reason
         self._ensure_usage()
         events.append(self._lifecycle("incomplete"))
         return events
@@ -132,21 +159,21 @@ class ResponseBuilder:
     def failed(self, code: str, message: str) -> list[Event]:
         """``code`` outside OpenAI's ResponseErrorCode list (an upstream's own) becomes
         ``server_error``, which clients know; the message keeps the upstream's code."""
-        self.response.status = response_pb2.RESPONSE_STATUS_FAILED
+        self._response.status = response_pb2.RESPONSE_STATUS_FAILED
         if code not in RESPONSE_ERROR_CODES:
             message = f"{message} ({code})" if code else message
             code = "server_error"
-        self.response.error.code = code
-        self.response.error.message = message
+        self._response.error.code = code
+        self._response.error.message = message
         return [self._lifecycle("failed")]
 
     def cancelled(self) -> None:
         """Cancellation has no stream event of its own: the stream simply ends."""
-        self.response.status = response_pb2.RESPONSE_STATUS_CANCELLED
+        self._response.status = response_pb2.RESPONSE_STATUS_CANCELLED
 
     @property
     def finished(self) -> bool:
-        return self.response.status not in (
+        return self._response.status not in (
             response_pb2.RESPONSE_STATUS_QUEUED,
             response_pb2.RESPONSE_STATUS_IN_PROGRESS,
         )
@@ -187,7 +214,7 @@ class ResponseBuilder:
             case base.EndItem():
                 return self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
             case base.UsageReport():
-                usage = self.response.usage
+                usage = self._response.usage
                 usage.input_tokens = event.input_tokens
                 usage.output_tokens = event.output_tokens
                 usage.total_tokens = event.input_tokens + event.output_tokens
@@ -214,11 +241,12 @@ class ResponseBuilder:
             "output_index": self._open.index,
             "content_index": content_index,
         }
+        key = (self._open.index, part_kind, content_index)
         if part_kind == "output_text":
-            part.output_text.text += text
+            self._buffer(key, part.output_text, "text", text)
             events.append(self._emit(output_text_delta=events_pb2.OutputTextDeltaEvent(delta=text, **common)))
         else:
-            part.refusal.refusal += text
+            self._buffer(key, part.refusal, "refusal", text)
             events.append(self._emit(refusal_delta=events_pb2.RefusalDeltaEvent(delta=text, **common)))
         return events
 
@@ -293,7 +321,8 @@ class ResponseBuilder:
             )
         if event.text:
             summary_index = len(reasoning.summary) - 1
-            reasoning.summary[summary_index].text += event.text
+            key = (self._open.index, "summary", summary_index)
+            self._buffer(key, reasoning.summary[summary_index], "text", event.text)
             events.append(
                 self._emit(
                     reasoning_summary_text_delta=events_pb2.ReasoningSummaryTextDeltaEvent(
@@ -312,7 +341,8 @@ class ResponseBuilder:
             reasoning.content.add()
             self._open.part = "reasoning_text"
         content_index = len(reasoning.content) - 1
-        reasoning.content[content_index].text += text
+        key = (self._open.index, "reasoning_text", content_index)
+        self._buffer(key, reasoning.content[content_index], "text", text)
         events.append(
             self._emit(
                 reasoning_text_delta=events_pb2.ReasoningTextDeltaEvent(
@@ -331,7 +361,7 @@ class ResponseBuilder:
         if self._open is None or self._open.kind != "function_call":
             raise ValueError("function call arguments without FunctionCallStart")
         call = self._item().function_call
-        call.arguments += text
+        self._buffer((self._open.index, "arguments", 0), call, "arguments", text)
         return [
             self._emit(
                 function_call_arguments_delta=events_pb2.FunctionCallArgumentsDeltaEvent(
@@ -372,21 +402,21 @@ class ResponseBuilder:
 
     def _latest(self, kind: str) -> response_pb2.Item | None:
         """The last output item of ``kind``, open or closed."""
-        for item in reversed(self.response.output):
+        for item in reversed(self._response.output):
             if item.WhichOneof("item") == kind:
                 return item
         return None
 
     def _item(self) -> response_pb2.Item:
         assert self._open is not None
-        return self.response.output[self._open.index]
+        return self._response.output[self._open.index]
 
     def _open_item(self, kind: str, *, name: str = "", call_id: str = "") -> list[Event]:
         """Opens an item of ``kind`` unless one is open already (closing one of another kind)."""
         if self._open is not None and self._open.kind == kind and kind != "function_call":
             return []
         events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
-        item = self.response.output.add()
+        item = self._response.output.add()
         if kind == "message":
             item.message.id = new_id("msg")
             item.message.role = response_pb2.ROLE_ASSISTANT
@@ -406,7 +436,7 @@ class ResponseBuilder:
             item.web_search_call.action.search.SetInParent()
         else:
             raise ValueError(f"unknown item kind {kind}")
-        self._open = _OpenItem(kind=kind, index=len(self.response.output) - 1)
+        self._open = _OpenItem(kind=kind, index=len(self._response.output) - 1)
         events.append(
             self._emit(
                 output_item_added=events_pb2.OutputItemAddedEvent(output_index=self._open.index, item=item)
@@ -416,6 +446,7 @@ class ResponseBuilder:
 
     def _close_part(self) -> list[Event]:
         """The .done events of the open sub-part of the open item."""
+        self._sync()
         open_item = self._open
         if open_item is None or open_item.part is None:
             return []
@@ -486,7 +517,7 @@ class ResponseBuilder:
         """The .done events of the open item, which takes ``status``."""
         if self._open is None:
             return []
-        events = self._close_part()
+        events = self._close_part()  # syncs the text
         item = self._item()
         kind = self._open.kind
         if kind == "function_call":
@@ -524,14 +555,14 @@ class ResponseBuilder:
     # ------------------------------------------------------------------ plumbing
 
     def _ensure_usage(self) -> None:
-        usage = self.response.usage  # reading a submessage does not set it; touch it so it is present
+        usage = self._response.usage  # reading a submessage does not set it; touch it so it is present
         usage.SetInParent()
         usage.input_tokens_details.SetInParent()
         usage.output_tokens_details.SetInParent()
 
     def _lifecycle(self, kind: str) -> Event:
         snapshot = response_pb2.Response()
-        snapshot.CopyFrom(self.response)
+        snapshot.CopyFrom(self.response)  # the property: synced
         if not self.expose_encrypted:
             _clear_encrypted(snapshot)
         member = {

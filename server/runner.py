@@ -54,7 +54,7 @@ class LiveResponse:
 
     @property
     def response_id(self) -> str:
-        return self.builder.response.id
+        return self.builder.response_id
 
     def publish(self, events: list[Event]) -> None:
         self.events.extend(events)
