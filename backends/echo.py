@@ -44,6 +44,8 @@ ACCEPTED_SETTINGS = OPTIONAL_SETTINGS - {"venice_parameters"}
 _OPTION_LIMITS = {"delay_ms": 60_000, "fail_after": 1_000_000_000}
 # Digits only and short enough for int(): rejects signs, spaces, underscores and huge strings.
 _INTEGER = re.compile(r"[0-9]{1,10}")
+# Words written between turns of the event loop when there is no delay.
+_WORDS_PER_TURN = 32
 # Characters per arguments delta: small, so that function call arguments stream observably.
 _ARGUMENTS_CHUNK = 16
 
@@ -93,7 +95,9 @@ class EchoBackend:
             if failing:
                 words = words[: plan.fail_after]
             for index, word in enumerate(words):
-                if index:
+                if index and (plan.delay_ms or index % _WORDS_PER_TURN == 0):
+                    # Without a delay, the loop is still given a turn now and then: like a
+                    # network upstream whose every read carries several events.
                     await asyncio.sleep(plan.delay_ms / 1000)
                 yield TextDelta(" " + word if index else word)
             if failing:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import orjson
 from google.api import annotations_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
@@ -265,7 +266,7 @@ class ResponsesHttpApp:
         if method.server_streaming:
             return await self._sse(method, message, metadata)
         result = await self.client.unary(method, message, metadata)
-        return JSONResponse(self.codec.encode(result))
+        return Response(orjson.dumps(self.codec.encode(result)), media_type="application/json")
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
@@ -342,15 +343,29 @@ class ResponsesHttpApp:
         puller = asyncio.create_task(pull())
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self.keepalive_seconds):
-                        frame = await queue.get()
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
+                if queue.empty():
+                    try:
+                        async with asyncio.timeout(self.keepalive_seconds):
+                            frame = await queue.get()
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                else:
+                    frame = queue.get_nowait()
                 if frame is None:
                     return
-                yield frame
+                # Frames that piled up while the last write went out leave in one write.
+                ready: list[bytes] = [frame]
+                finished = False
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        finished = True
+                        break
+                    ready.append(more)
+                yield frame if len(ready) == 1 else b"".join(ready)
+                if finished:
+                    return
         finally:
             # The client went away, or the stream ended: stop the work behind it either way.
             # Cancelled once, then awaited through a shield: when this generator is itself
@@ -367,7 +382,8 @@ class ResponsesHttpApp:
 
     def _frame(self, event: Message) -> bytes:
         data = self.codec.encode(event)
-        return f"event: {data['type']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+        kind: str = data["type"]
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
     def _error_frame(self, error: CallError, sequence_number: int) -> bytes:
         body = _http_error(error).body
@@ -378,7 +394,7 @@ class ResponsesHttpApp:
             "param": body["param"],
             "sequence_number": sequence_number,
         }
-        return f"event: error\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+        return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
