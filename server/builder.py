@@ -17,6 +17,16 @@ from backends import base
 from venna.responses.v1 import events_pb2, response_pb2
 
 Event = events_pb2.ResponseStreamEvent
+# What a quiet builder returns for each event: nobody reads it.
+_UNREAD = Event()
+_LIFECYCLE_EVENTS: dict[str, Any] = {
+    "created": events_pb2.ResponseCreatedEvent,
+    "queued": events_pb2.ResponseQueuedEvent,
+    "in_progress": events_pb2.ResponseInProgressEvent,
+    "completed": events_pb2.ResponseCompletedEvent,
+    "incomplete": events_pb2.ResponseIncompleteEvent,
+    "failed": events_pb2.ResponseFailedEvent,
+}
 
 # OpenAI's ResponseErrorCode: the codes a failed response may report.
 RESPONSE_ERROR_CODES = frozenset(
@@ -94,7 +104,10 @@ class ResponseBuilder:
         next_sequence_number: int = 0,
         *,
         expose_encrypted: bool = False,
+        quiet: bool = False,
     ) -> None:
+        # Events are numbered but not built: for a caller that reads only the final response.
+        self.quiet = quiet
         self._response = response
         self.response_id = response.id
         self.next_sequence_number = next_sequence_number
@@ -244,10 +257,12 @@ class ResponseBuilder:
         key = (self._open.index, part_kind, content_index)
         if part_kind == "output_text":
             self._buffer(key, part.output_text, "text", text)
-            events.append(self._emit(output_text_delta=events_pb2.OutputTextDeltaEvent(delta=text, **common)))
+            events.append(
+                self._emit("output_text_delta", events_pb2.OutputTextDeltaEvent, delta=text, **common)
+            )
         else:
             self._buffer(key, part.refusal, "refusal", text)
-            events.append(self._emit(refusal_delta=events_pb2.RefusalDeltaEvent(delta=text, **common)))
+            events.append(self._emit("refusal_delta", events_pb2.RefusalDeltaEvent, delta=text, **common))
         return events
 
     def _annotation(self, annotation: response_pb2.Annotation) -> list[Event]:
@@ -266,13 +281,13 @@ class ResponseBuilder:
         annotations.append(annotation)
         events.append(
             self._emit(
-                output_text_annotation_added=events_pb2.OutputTextAnnotationAddedEvent(
-                    item_id=message.id,
-                    output_index=self._open.index,
-                    content_index=content_index,
-                    annotation_index=len(annotations) - 1,
-                    annotation=annotation,
-                )
+                "output_text_annotation_added",
+                events_pb2.OutputTextAnnotationAddedEvent,
+                item_id=message.id,
+                output_index=self._open.index,
+                content_index=content_index,
+                annotation_index=len(annotations) - 1,
+                annotation=annotation,
             )
         )
         return events
@@ -291,12 +306,12 @@ class ResponseBuilder:
         self._open.part = part_kind
         events.append(
             self._emit(
-                content_part_added=events_pb2.ContentPartAddedEvent(
-                    item_id=message.id,
-                    output_index=self._open.index,
-                    content_index=len(message.content) - 1,
-                    part=part,
-                )
+                "content_part_added",
+                events_pb2.ContentPartAddedEvent,
+                item_id=message.id,
+                output_index=self._open.index,
+                content_index=len(message.content) - 1,
+                part=part,
             )
         )
         return events
@@ -314,9 +329,11 @@ class ResponseBuilder:
             self._open.part, self._open.summary_part = "summary", event.part
             events.append(
                 self._emit(
-                    reasoning_summary_part_added=events_pb2.ReasoningSummaryPartAddedEvent(
-                        summary_index=len(reasoning.summary) - 1, part=response_pb2.SummaryText(), **common
-                    )
+                    "reasoning_summary_part_added",
+                    events_pb2.ReasoningSummaryPartAddedEvent,
+                    summary_index=len(reasoning.summary) - 1,
+                    part=response_pb2.SummaryText(),
+                    **common,
                 )
             )
         if event.text:
@@ -325,9 +342,11 @@ class ResponseBuilder:
             self._buffer(key, reasoning.summary[summary_index], "text", event.text)
             events.append(
                 self._emit(
-                    reasoning_summary_text_delta=events_pb2.ReasoningSummaryTextDeltaEvent(
-                        summary_index=summary_index, delta=event.text, **common
-                    )
+                    "reasoning_summary_text_delta",
+                    events_pb2.ReasoningSummaryTextDeltaEvent,
+                    summary_index=summary_index,
+                    delta=event.text,
+                    **common,
                 )
             )
         return events
@@ -345,12 +364,12 @@ class ResponseBuilder:
         self._buffer(key, reasoning.content[content_index], "text", text)
         events.append(
             self._emit(
-                reasoning_text_delta=events_pb2.ReasoningTextDeltaEvent(
-                    item_id=reasoning.id,
-                    output_index=self._open.index,
-                    content_index=content_index,
-                    delta=text,
-                )
+                "reasoning_text_delta",
+                events_pb2.ReasoningTextDeltaEvent,
+                item_id=reasoning.id,
+                output_index=self._open.index,
+                content_index=content_index,
+                delta=text,
             )
         )
         return events
@@ -364,9 +383,11 @@ class ResponseBuilder:
         self._buffer((self._open.index, "arguments", 0), call, "arguments", text)
         return [
             self._emit(
-                function_call_arguments_delta=events_pb2.FunctionCallArgumentsDeltaEvent(
-                    item_id=call.id, output_index=self._open.index, delta=text
-                )
+                "function_call_arguments_delta",
+                events_pb2.FunctionCallArgumentsDeltaEvent,
+                item_id=call.id,
+                output_index=self._open.index,
+                delta=text,
             )
         ]
 
@@ -384,16 +405,16 @@ class ResponseBuilder:
         common: dict[str, Any] = {"item_id": call.id, "output_index": self._open.index}
         if event.phase is base.WebSearchPhase.IN_PROGRESS:
             events.append(
-                self._emit(web_search_call_in_progress=events_pb2.WebSearchCallInProgressEvent(**common))
+                self._emit("web_search_call_in_progress", events_pb2.WebSearchCallInProgressEvent, **common)
             )
         elif event.phase is base.WebSearchPhase.SEARCHING:
             call.status = response_pb2.WEB_SEARCH_CALL_STATUS_SEARCHING
             events.append(
-                self._emit(web_search_call_searching=events_pb2.WebSearchCallSearchingEvent(**common))
+                self._emit("web_search_call_searching", events_pb2.WebSearchCallSearchingEvent, **common)
             )
         else:
             events.append(
-                self._emit(web_search_call_completed=events_pb2.WebSearchCallCompletedEvent(**common))
+                self._emit("web_search_call_completed", events_pb2.WebSearchCallCompletedEvent, **common)
             )
             events += self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
         return events
@@ -439,7 +460,7 @@ class ResponseBuilder:
         self._open = _OpenItem(kind=kind, index=len(self._response.output) - 1)
         events.append(
             self._emit(
-                output_item_added=events_pb2.OutputItemAddedEvent(output_index=self._open.index, item=item)
+                "output_item_added", events_pb2.OutputItemAddedEvent, output_index=self._open.index, item=item
             )
         )
         return events
@@ -464,16 +485,21 @@ class ResponseBuilder:
             if open_item.part == "output_text":
                 events.append(
                     self._emit(
-                        output_text_done=events_pb2.OutputTextDoneEvent(text=part.output_text.text, **common)
+                        "output_text_done",
+                        events_pb2.OutputTextDoneEvent,
+                        text=part.output_text.text,
+                        **common,
                     )
                 )
             else:
                 events.append(
                     self._emit(
-                        refusal_done=events_pb2.RefusalDoneEvent(refusal=part.refusal.refusal, **common)
+                        "refusal_done", events_pb2.RefusalDoneEvent, refusal=part.refusal.refusal, **common
                     )
                 )
-            events.append(self._emit(content_part_done=events_pb2.ContentPartDoneEvent(part=part, **common)))
+            events.append(
+                self._emit("content_part_done", events_pb2.ContentPartDoneEvent, part=part, **common)
+            )
         elif open_item.part == "summary":
             reasoning = item.reasoning
             summary_index = len(reasoning.summary) - 1
@@ -485,16 +511,18 @@ class ResponseBuilder:
             }
             events.append(
                 self._emit(
-                    reasoning_summary_text_done=events_pb2.ReasoningSummaryTextDoneEvent(
-                        text=summary.text, **common
-                    )
+                    "reasoning_summary_text_done",
+                    events_pb2.ReasoningSummaryTextDoneEvent,
+                    text=summary.text,
+                    **common,
                 )
             )
             events.append(
                 self._emit(
-                    reasoning_summary_part_done=events_pb2.ReasoningSummaryPartDoneEvent(
-                        part=summary, **common
-                    )
+                    "reasoning_summary_part_done",
+                    events_pb2.ReasoningSummaryPartDoneEvent,
+                    part=summary,
+                    **common,
                 )
             )
         else:
@@ -502,12 +530,12 @@ class ResponseBuilder:
             content_index = len(reasoning.content) - 1
             events.append(
                 self._emit(
-                    reasoning_text_done=events_pb2.ReasoningTextDoneEvent(
-                        item_id=reasoning.id,
-                        output_index=open_item.index,
-                        content_index=content_index,
-                        text=reasoning.content[content_index].text,
-                    )
+                    "reasoning_text_done",
+                    events_pb2.ReasoningTextDoneEvent,
+                    item_id=reasoning.id,
+                    output_index=open_item.index,
+                    content_index=content_index,
+                    text=reasoning.content[content_index].text,
                 )
             )
         open_item.part = None
@@ -524,12 +552,12 @@ class ResponseBuilder:
             call = item.function_call
             events.append(
                 self._emit(
-                    function_call_arguments_done=events_pb2.FunctionCallArgumentsDoneEvent(
-                        item_id=call.id,
-                        output_index=self._open.index,
-                        name=call.name,
-                        arguments=call.arguments,
-                    )
+                    "function_call_arguments_done",
+                    events_pb2.FunctionCallArgumentsDoneEvent,
+                    item_id=call.id,
+                    output_index=self._open.index,
+                    name=call.name,
+                    arguments=call.arguments,
                 )
             )
             call.status = status
@@ -544,9 +572,9 @@ class ResponseBuilder:
                 else response_pb2.WEB_SEARCH_CALL_STATUS_FAILED
             )
         done = self._emit(
-            output_item_done=events_pb2.OutputItemDoneEvent(output_index=self._open.index, item=item)
+            "output_item_done", events_pb2.OutputItemDoneEvent, output_index=self._open.index, item=item
         )
-        if kind == "reasoning" and not self.expose_encrypted:
+        if kind == "reasoning" and not self.expose_encrypted and not self.quiet:
             done.output_item_done.item.reasoning.ClearField("encrypted_content")
         events.append(done)
         self._open = None
@@ -561,26 +589,23 @@ class ResponseBuilder:
         usage.output_tokens_details.SetInParent()
 
     def _lifecycle(self, kind: str) -> Event:
+        if self.quiet:
+            return self._emit(kind, None)
         snapshot = response_pb2.Response()
         snapshot.CopyFrom(self.response)  # the property: synced
         if not self.expose_encrypted:
             _clear_encrypted(snapshot)
-        member = {
-            "created": events_pb2.ResponseCreatedEvent,
-            "queued": events_pb2.ResponseQueuedEvent,
-            "in_progress": events_pb2.ResponseInProgressEvent,
-            "completed": events_pb2.ResponseCompletedEvent,
-            "incomplete": events_pb2.ResponseIncompleteEvent,
-            "failed": events_pb2.ResponseFailedEvent,
-        }[kind]
-        return self._emit(**{kind: member(response=snapshot)})
+        return self._emit(kind, _LIFECYCLE_EVENTS[kind], response=snapshot)
 
-    def _emit(self, **member: object) -> Event:
-        """Wraps one event member in the envelope with the next sequence number.
+    def _emit(self, member: str, event_type: Any, **fields: Any) -> Event:
+        """Wraps one event in the envelope with the next sequence number.
 
-        Assigning a message field through the constructor copies it, so an event never aliases
-        the live snapshot that later deltas keep changing.
+        The event is built only if someone will read it (``quiet`` builders number events
+        without building them). Building copies the message fields given, so an event never
+        aliases the live snapshot that later deltas keep changing.
         """
-        event = Event(sequence_number=self.next_sequence_number, **member)  # type: ignore[arg-type]
+        sequence_number = self.next_sequence_number
         self.next_sequence_number += 1
-        return event
+        if self.quiet:
+            return _UNREAD
+        return Event(sequence_number=sequence_number, **{member: event_type(**fields)})

@@ -72,7 +72,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def CreateResponse(
         self, request: service_pb2.CreateResponseRequest, context: auth.Context
     ) -> response_pb2.Response:
-        run = await self._prepare(request)
+        # The caller reads only the final response; a background run keeps its events.
+        run = await self._prepare(request, quiet=not request.background)
         if run.builder.response.background:
             await self._start_background(run)
             return run.builder.response
@@ -188,8 +189,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     # ------------------------------------------------------------------ creation
 
-    async def _prepare(self, request: service_pb2.CreateResponseRequest) -> _Run:
-        """Validates a create request and gathers everything its run needs; stores nothing."""
+    async def _prepare(self, request: service_pb2.CreateResponseRequest, *, quiet: bool = False) -> _Run:
+        """Validates a create request and gathers everything its run needs; stores nothing.
+
+        ``quiet``: no one will read the stream events, so they are not built.
+        """
         workspace_id = auth.workspace_id()
         validate_create(request)
         route = self._router.resolve(request.model)
@@ -212,7 +216,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         except base.BackendError as error:
             raise errors.from_backend(error) from None
         response = _initial_response(request)
-        builder = ResponseBuilder(response, expose_encrypted=ENCRYPTED_REASONING in request.include)
+        builder = ResponseBuilder(
+            response, expose_encrypted=ENCRYPTED_REASONING in request.include, quiet=quiet
+        )
         return _Run(workspace_id, builder, route.backend, generation, input_items)
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
