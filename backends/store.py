@@ -551,6 +551,8 @@ class Store:
     def _insert_items(
         self, workspace_id: str, response_id: str, kind: int, items: Sequence[response_pb2.Item]
     ) -> None:
+        if not items:
+            return
         self._conn.executemany(
             "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -561,6 +563,8 @@ class Store:
         )
 
     def _insert_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
+        if not events:
+            return
         # Idempotent: a write retried after an interruption may repeat events already stored.
         self._conn.executemany(
             "INSERT OR IGNORE INTO events (response_id, sequence_number, body) VALUES (?, ?, ?)",
