@@ -83,7 +83,12 @@ class VennaServer:
         self.server = grpc.aio.server(
             interceptors=[self.interceptor],
             # Requests may carry long histories and inline files; gRPC's default is 4 MiB.
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # gRPC shares ports by default: a second server on a busy port would silently
+                # take half the calls (with its own database) instead of failing to start.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, self.server)
         recorder = _HandlerRecorder()
@@ -98,9 +103,12 @@ class VennaServer:
         self.port = 0
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(self.config.grpc_listen)
+        try:
+            self.port = self.server.add_insecure_port(self.config.grpc_listen)
+        except RuntimeError:
+            self.port = 0  # grpc's way of saying the address is taken or invalid
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.grpc_listen}")
+            raise OSError(f"cannot listen on {self.config.grpc_listen} (in use, or not a local address)")
         await self.server.start()
         await self.runner.recover()
         for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME):

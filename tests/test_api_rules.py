@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server.app import ServerConfig, VennaServer
 from tests.conftest import Client, Venna, serving, user_message
 from venna.responses.v1 import response_pb2, service_pb2
 
@@ -234,3 +235,14 @@ async def test_delete_removes_the_response_its_items_and_events(venna: Venna) ->
                 db.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", [doomed.id]).fetchone()[0] == 0
             )
     assert (await venna.alpha.get(kept.id)).id == kept.id
+
+
+async def test_a_second_server_cannot_take_a_busy_port(tmp_path: Path) -> None:
+    """gRPC shares ports by default; Venna does not, so a second server fails instead of
+    silently answering half the calls from another database."""
+    async with serving(tmp_path / "one.db") as venna:
+        second = VennaServer(ServerConfig(grpc_listen=venna.server.address, db_path=tmp_path / "two.db"))
+        with pytest.raises(OSError, match="cannot listen"):
+            await second.start()
+        second.close()
+        assert (await venna.alpha.create(input="still here")).status == response_pb2.RESPONSE_STATUS_COMPLETED
