@@ -36,22 +36,10 @@ from venna.responses.v1 import response_pb2, service_pb2
 MODEL_PREFIX = "venice/"
 DEFAULT_BASE_URL = "https://api.venice.ai/api/v1"
 DIALECTS = ("venice", "openai")
-# What each dialect's upstream honours by default (Venice: its documented request fields).
+# What each dialect's upstream honours by default.
 DEFAULT_ACCEPTS = {
-    "venice": frozenset(
-        {
-            "temperature",
-            "top_p",
-            "max_output_tokens",
-            "stop",
-            "seed",
-            "prompt_cache_key",
-            "reasoning",
-            "tools",
-            "tool_choice",
-            "venice_parameters",
-        }
-    ),
+    # Venice takes every optional setting but logprobs (its parts have none) and max_tool_calls.
+    "venice": base.OPTIONAL_SETTINGS - {"top_logprobs", "max_tool_calls"},
     "openai": frozenset(
         {"temperature", "top_p", "max_output_tokens", "prompt_cache_key", "reasoning", "tools", "tool_choice"}
     ),

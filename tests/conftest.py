@@ -18,7 +18,7 @@ from server.app import ServerConfig, VennaServer
 from server.routing import Router
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 
-pytest_plugins = ["tests.http_harness"]
+pytest_plugins = ["tests.http_harness", "tests.fake_venice"]
 
 
 @dataclass

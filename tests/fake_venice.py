@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
@@ -629,3 +630,21 @@ __all__ = [
     "venice_stream",
     "web_search_with_citations",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures (a pytest plugin of the suite: see tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[FakeVenice]:
+    """One fake Venice per test module: starting uvicorn per test would dominate the runtime."""
+    with running() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server: FakeVenice) -> FakeVenice:
+    """The module's fake, with no scenarios queued and no requests recorded."""
+    fake_server.reset()
+    return fake_server

@@ -47,7 +47,6 @@ from tests.fake_venice import (
     function_call_stream,
     raw,
     reasoning_then_text,
-    running,
     text_stream,
     venice_stream,
     web_search_with_citations,
@@ -100,19 +99,6 @@ WEATHER_TOOL_UPSTREAM = {
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeVenice]:
-    """One fake Venice for the module, shared by both transports' servers."""
-    with running() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_server: FakeVenice) -> FakeVenice:
-    fake_server.reset()
-    return fake_server
 
 
 def venice_router(base_url: str) -> Router:

@@ -5,7 +5,7 @@ backend accepts (the rest refused before anything is stored or sent), and the pa
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +16,11 @@ import pytest
 from server import cli
 from server.routing import ConfigError, default_router
 from tests.conftest import Venna, error_info, output_text, serving
-from tests.fake_venice import FakeVenice, Frame, StreamReply, function_call_stream, running, text_stream
+from tests.fake_venice import FakeVenice, Frame, StreamReply, function_call_stream, text_stream
 from venna.responses.v1 import response_pb2, service_pb2
 
 UPSTREAM_KEY = "routing-upstream-key"
 ENVIRON = {"VENICE_API_KEY": UPSTREAM_KEY, "LOCAL_KEY": "local-upstream-key"}
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeVenice]:
-    with running() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_server: FakeVenice) -> FakeVenice:
-    fake_server.reset()
-    return fake_server
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

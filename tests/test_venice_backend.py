@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ from tests.fake_venice import (
     function_call_stream,
     raw,
     reasoning_then_text,
-    running,
     text_stream,
     venice_stream,
     web_search_with_citations,
@@ -59,19 +58,6 @@ VENNA_ONLY_KEYS = {"store", "background", "metadata", "previous_response_id", "i
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeVenice]:
-    """One fake Venice for the module: starting uvicorn per test would dominate the runtime."""
-    with running() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_server: FakeVenice) -> FakeVenice:
-    fake_server.reset()
-    return fake_server
 
 
 def venice_router(venice: VeniceBackend) -> Router:
