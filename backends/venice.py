@@ -118,7 +118,10 @@ class VeniceBackend:
     async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
         body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
         response = await self._open(body)
-        events = _sse_events(response)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            events = _whole_response_events(response)  # an upstream that answered unstreamed
+        else:
+            events = _sse_events(response)
         translator = _StreamTranslator()
         try:
             async for event_type, payload in events:
@@ -429,6 +432,29 @@ async def _sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str, dic
             event_type = ""
 
 
+_TERMINAL_STATUSES = {"completed", "incomplete", "failed"}
+
+
+async def _whole_response_events(
+    response: httpx.Response,
+) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+    """A non-streamed Response body as the events that would have streamed it: each output item
+    done (its content included), then the terminal event."""
+    try:
+        data = json.loads(await response.aread())
+    except ValueError:
+        raise base.BackendError(
+            base.ErrorKind.UNAVAILABLE, "The upstream sent a response that is not JSON.", code="server_error"
+        ) from None
+    if not isinstance(data, dict):
+        raise _truncated()
+    for item in data.get("output") or []:
+        if isinstance(item, dict):
+            yield "response.output_item.done", {"item": item}
+    status = data.get("status") if data.get("status") in _TERMINAL_STATUSES else "completed"
+    yield f"response.{status}", {"response": data}
+
+
 class _StreamTranslator:
     """Upstream events -> Venna backend events. Item structure is rebuilt by Venna's builder,
     so only what the model produced matters here, not the upstream's ids or ordering."""
@@ -579,6 +605,8 @@ def _content_of(item: dict[str, Any], *, opened: bool) -> list[base.BackendEvent
             )
         if item.get("arguments"):
             events.append(base.FunctionCallArgumentsDelta(str(item["arguments"])))
+    elif kind == "web_search_call" and not opened:
+        events.append(base.WebSearchProgress(base.WebSearchPhase.COMPLETED, _search_action(item)))
     return events
 
 

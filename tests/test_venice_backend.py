@@ -886,3 +886,57 @@ async def test_background_cancel_closes_the_upstream_request(gateway: Venna, fak
     lag = record.disconnected_at - cancelled_at
     assert lag < 0.1, f"the upstream request was closed {lag * 1000:.0f} ms after the cancel"
     assert (await gateway.alpha.get(queued.id)).status == CANCELLED
+
+
+async def test_an_unstreamed_upstream_answer_is_translated_too(gateway: Venna, fake: FakeVenice) -> None:
+    """An upstream that answers with a whole JSON Response (stream ignored) serves the same
+    stream and response as one that streams, in the upstream's output order."""
+    whole = {
+        "id": "resp_chatcmpl-whole",
+        "object": "response",
+        "created_at": 1767225600,
+        "model": UPSTREAM_MODEL,
+        "status": "completed",
+        "output": [
+            {"type": "reasoning", "id": "rs_u", "summary": ["Looked it up."], "encrypted_content": "sig=="},
+            {"type": "web_search_call", "id": "ws_u", "status": "completed"},
+            {
+                "type": "message",
+                "id": "msg_u",
+                "status": "completed",
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "output_text",
+                        "text": "Blue, says Rayleigh.",
+                        "annotations": [
+                            {
+                                "type": "url_citation",
+                                "url": "https://example.com/r",
+                                "title": "Rayleigh",
+                                "start_index": 12,
+                                "end_index": 20,
+                            }
+                        ],
+                    }
+                ],
+            },
+        ],
+        "usage": {"input_tokens": 9, "output_tokens": 5, "total_tokens": 14},
+    }
+    fake.queue(error(200, whole))
+
+    events = await gateway.alpha.stream(model=MODEL, input="Why blue?")
+
+    assert_numbered(events)
+    final = final_response(events)
+    assert final.status == COMPLETED
+    assert [item.WhichOneof("item") for item in final.output] == ["reasoning", "web_search_call", "message"]
+    assert [summary.text for summary in final.output[0].reasoning.summary] == ["Looked it up."]
+    assert output_text(final) == "Blue, says Rayleigh."
+    [citation] = final.output[2].message.content[0].output_text.annotations
+    assert citation.url_citation.url == "https://example.com/r"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (9, 5)
+    deltas = [event.output_text_delta.delta for event in events if event.HasField("output_text_delta")]
+    assert "".join(deltas) == "Blue, says Rayleigh."
+    assert event_type(events[-1]) == "response.completed"
