@@ -50,8 +50,9 @@ class _Run:
     backend: base.Backend
     generation: base.GenerationRequest
     input_items: list[response_pb2.Item]
-    # Input of a response not stored yet: it is stored with its output once finished.
-    pending_input: list[response_pb2.Item] | None = None
+    # Whether a stored response was written as in progress before it ran; if not, it is
+    # written once, with its input and output, when it is over.
+    announced: bool = False
 
     @property
     def stored(self) -> bool:
@@ -313,8 +314,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         response = builder.response
         if run.stored and announce:
             await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
-        elif run.stored:
-            run.pending_input = run.input_items
+            run.announced = True
         head = builder.created() + builder.started()
         try:
             async with aclosing(execution.batches()) as batches:
@@ -346,9 +346,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     async def _write(self, run: _Run) -> None:
         response = run.builder.response
-        if run.stored and run.pending_input is not None:
+        if run.stored and not run.announced:
             await self._db.call(
-                self._store.create_response, run.workspace_id, response, run.pending_input, finished=True
+                self._store.create_response, run.workspace_id, response, run.input_items, finished=True
             )
         elif run.stored:
             # The usage record is written in the same transaction.

@@ -374,6 +374,22 @@ def web_search_with_citations(
     return venice_stream(search_results=results, words=words, citations=citations, **options)
 
 
+RAYLEIGH_TEXT = "The sky is blue because of Rayleigh scattering."
+RAYLEIGH_CITATION = Citation("https://example.com/rayleigh", "Rayleigh scattering", 27, 47)
+
+
+def rayleigh_search() -> StreamReply:
+    """A searched answer, RAYLEIGH_TEXT in three deltas, citing RAYLEIGH_CITATION."""
+    return web_search_with_citations(
+        [
+            SearchResult("https://example.com/rayleigh", "Rayleigh scattering", "Short waves scatter"),
+            SearchResult("https://example.org/sky", "Sky", "Why the sky is blue"),
+        ],
+        ["The sky is blue", " because of", " Rayleigh scattering."],
+        [RAYLEIGH_CITATION],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Records
 

@@ -37,19 +37,19 @@ from server.routing import Router
 from tests import test_http_sdk as sdk_checks
 from tests import test_http_wire as wire
 from tests.fake_venice import (
-    Citation,
+    RAYLEIGH_CITATION,
+    RAYLEIGH_TEXT,
     FakeVenice,
     Frame,
     Hang,
     Scenario,
-    SearchResult,
     error,
     function_call_stream,
     raw,
+    rayleigh_search,
     reasoning_then_text,
     text_stream,
     venice_stream,
-    web_search_with_citations,
 )
 from tests.http_harness import TRANSPORTS, HttpVenna
 from tests.streams import MESSAGE_EVENTS
@@ -446,18 +446,8 @@ def test_function_call_round_trip(client: openai.OpenAI, fake: FakeVenice) -> No
 def test_web_search_with_citations(
     client: openai.OpenAI, checks: sdk_checks.Checks, fake: FakeVenice
 ) -> None:
-    text = "The sky is blue because of Rayleigh scattering."
-    citation = Citation("https://example.com/rayleigh", "Rayleigh scattering", 27, 47)
-    fake.queue(
-        web_search_with_citations(
-            [
-                SearchResult("https://example.com/rayleigh", "Rayleigh scattering", "Short waves scatter"),
-                SearchResult("https://example.org/sky", "Sky", "Why the sky is blue"),
-            ],
-            ["The sky is blue", " because of", " Rayleigh scattering."],
-            [citation],
-        )
-    )
+    text, citation = RAYLEIGH_TEXT, RAYLEIGH_CITATION
+    fake.queue(rayleigh_search())
 
     events = stream_events(client, model="venice/qwen3:enable_web_search=on", input="Why blue?")
 

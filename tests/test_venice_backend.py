@@ -26,22 +26,22 @@ from backends.venice import VeniceBackend
 from server.routing import Router
 from tests.conftest import Client, Venna, error_info, event_type, make_request, output_text, serving
 from tests.fake_venice import (
+    RAYLEIGH_CITATION,
+    RAYLEIGH_TEXT,
     RESPONSES_PATH,
     Call,
-    Citation,
     FakeVenice,
     Frame,
     Hang,
     Scenario,
-    SearchResult,
     closes_within,
     error,
     function_call_stream,
     raw,
+    rayleigh_search,
     reasoning_then_text,
     text_stream,
     venice_stream,
-    web_search_with_citations,
 )
 from tests.streams import MESSAGE_EVENTS
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
@@ -346,18 +346,8 @@ async def test_tool_choice_modes_and_web_search_tool_in_venice_form(gateway: Ven
 
 
 async def test_web_search_with_citations(gateway: Venna, fake: FakeVenice) -> None:
-    text = "The sky is blue because of Rayleigh scattering."
-    citation = Citation("https://example.com/rayleigh", "Rayleigh scattering", 27, 47)
-    fake.queue(
-        web_search_with_citations(
-            [
-                SearchResult("https://example.com/rayleigh", "Rayleigh scattering", "Short waves scatter"),
-                SearchResult("https://example.org/sky", "Sky", "Why the sky is blue"),
-            ],
-            ["The sky is blue", " because of", " Rayleigh scattering."],
-            [citation],
-        )
-    )
+    text, citation = RAYLEIGH_TEXT, RAYLEIGH_CITATION
+    fake.queue(rayleigh_search())
 
     events = await gateway.alpha.stream(model="venice/qwen3:enable_web_search=on", input="Why blue?")
 
