@@ -138,6 +138,13 @@ def m002_usage(db: Database) -> None:
         after = finished[-1][0]
 
 
+@migrations()
+def m003_drop_redundant_index(db: Database) -> None:
+    """Every lookup by response id uses the primary key; a second index on (workspace, id)
+    only made each insert write one more page."""
+    db.execute("DROP INDEX IF EXISTS idx_responses_workspace_id_id")
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str

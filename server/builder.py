@@ -56,8 +56,13 @@ RESPONSE_ERROR_CODES = frozenset(
 
 
 def new_id(prefix: str) -> str:
-    """An unguessable id with one of OpenAI's prefixes (resp_, msg_, fc_, rs_, ws_)."""
-    return f"{prefix}_{secrets.token_hex(24)}"
+    """An unguessable id with one of OpenAI's prefixes (resp_, msg_, fc_, rs_, ws_).
+
+    48 hex digits: the creation time in milliseconds (12), then 144 random bits. Ids that
+    grow with time land at the end of the store's indexes, where a random id would dirty a
+    random page of each index per insert (about three times the write cost).
+    """
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(18)}"
 
 
 @dataclass(slots=True)
