@@ -3,7 +3,7 @@
 Two transports behave the same way — same messages, same metadata, same status codes and
 details — so the shim cannot tell them apart:
 
-* ``InProcessClient`` invokes the service's own gRPC method handlers (interceptors included)
+* ``InProcessClient`` invokes the service's own gRPC method handlers (authentication included)
   inside this process: no socket, no serialization. ``venna serve`` uses it.
 * ``ChannelClient`` dials a gRPC target, for a shim in front of a remote fleet.
 
@@ -75,7 +75,7 @@ def _status_from_trailers(trailing_metadata: Any) -> status_pb2.Status | None:
 # ---------------------------------------------------------------------------------------------
 # In process
 
-# Resolves a method path to its handler the way the gRPC server does, interceptors included.
+# Resolves a method path to its handler the way the gRPC server does, authentication included.
 HandlerLookup = Callable[[str], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
 

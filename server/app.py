@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from backends.store import AsyncStore, Store
-from server.auth import AuthInterceptor
+from server.auth import Authenticator
 from server.routing import Router, default_router
 from server.runner import BackgroundRunner
 from server.service import ResponsesService
@@ -44,20 +44,12 @@ class ServerConfig:
     key_cache_seconds: float = 5.0
 
 
-class _CallDetails(grpc.HandlerCallDetails):
-    """The details of a call made in process, as interceptors see them."""
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.invocation_metadata = ()
-
-
 class _HandlerRecorder:
-    """Receives what the generated add_…_to_server registers, so that in-process callers use
-    exactly the handlers the gRPC server serves."""
+    """Receives what the generated add_…_to_server registers, so that the handlers can be
+    wrapped once and in-process callers use exactly the handlers the gRPC server serves."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def add_generic_rpc_handlers(self, handlers: object) -> None:
         pass
@@ -65,7 +57,7 @@ class _HandlerRecorder:
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        self.handlers.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+        self.services.setdefault(service, {}).update(handlers)
 
 
 class VennaServer:
@@ -79,9 +71,8 @@ class VennaServer:
         self.service = ResponsesService(self.db, self.router, self.runner)
         self.usage = UsageService(self.db)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
-        self.interceptor = AuthInterceptor(self.db, config.key_cache_seconds)
+        self.authenticator = Authenticator(self.db, config.key_cache_seconds)
         self.server = grpc.aio.server(
-            interceptors=[self.interceptor],
             # Requests may carry long histories and inline files; gRPC's default is 4 MiB.
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -90,12 +81,16 @@ class VennaServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, self.server)
+        # Every method of our services needs a key: each handler is wrapped once, here.
         recorder = _HandlerRecorder()
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, self.server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, recorder)  # type: ignore[arg-type]
-        self._handlers = recorder.handlers
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for service, handlers in recorder.services.items():
+            wrapped = {name: self.authenticator.wrap(handler) for name, handler in handlers.items()}
+            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            self.server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]  # not in grpc-stubs
+            self._handlers.update({f"/{service}/{name}": handler for name, handler in wrapped.items()})
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, USAGE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -116,12 +111,8 @@ class VennaServer:
         log.info("gRPC listening on %s", self.address)
 
     async def handler(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """The handler of a method as the gRPC server would run it, interceptors included."""
-
-        async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-            return self._handlers.get(details.method)
-
-        return await self.interceptor.intercept_service(continuation, _CallDetails(method_path))
+        """The handler of a method as the gRPC server runs it, authentication included."""
+        return self._handlers.get(method_path)
 
     @property
     def address(self) -> str:

@@ -1,9 +1,10 @@
 """Workspace keys on gRPC: ``authorization: Bearer vk_…`` resolves to the caller's workspace.
 
-The interceptor wraps each handler of the ``venna.responses.v1`` services (Responses, Usage)
-so that, inside the handler's own task, the workspace is set in a context variable (read with
-``workspace_id()``) and ServiceErrors become gRPC statuses with their details. Health and
-reflection stay open.
+``Authenticator.wrap`` wraps each handler of the ``venna.responses.v1`` services (Responses,
+Usage) once, when the server is assembled, so that, inside the handler's own task, the
+workspace is set in a context variable (read with ``workspace_id()``) and ServiceErrors become
+gRPC statuses with their details. Health and reflection stay open. (A grpc server interceptor
+would do the same, but it runs a coroutine and builds a new handler for every call.)
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-# Every service of the contract's package needs a key.
-PROTECTED_SERVICE_PREFIX = "/venna.responses.v1."
-
 # The servicer context of a call of any of our RPCs.
 Context = grpc.aio.ServicerContext[Any, Any]
 _Unary = Callable[[Any, Context], Awaitable[Any]]
@@ -35,7 +33,7 @@ _workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspac
 
 
 def workspace_id() -> str:
-    """The workspace of the current call; set by the interceptor before any handler runs."""
+    """The workspace of the current call; set by the wrapped handler before the service code runs."""
     return _workspace.get()
 
 
@@ -78,7 +76,9 @@ class KeyCache:
         self._entries[key] = (workspace, time.monotonic() + self.ttl)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class Authenticator:
+    """Resolves keys to workspaces and wraps handlers so that every call is authenticated."""
+
     def __init__(self, db: AsyncStore, key_cache_seconds: float = 5.0) -> None:
         self._db = db
         self._keys = KeyCache(key_cache_seconds)
@@ -103,14 +103,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._keys.put(key, found)
         _workspace.set(found)
 
-    async def intercept_service(  # type: ignore[override]  # grpc returns None for unknown methods
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PROTECTED_SERVICE_PREFIX):
-            return handler
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (unary or server-streaming) behind the key check and error mapping."""
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary),  # type: ignore[arg-type]  # aio handlers are async
@@ -123,7 +117,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        raise TypeError("only unary and server-streaming methods are served")
 
     def _wrap_unary(self, behavior: _Unary) -> _Unary:
         async def unary(request: Any, context: Context) -> Any:
