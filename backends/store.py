@@ -18,6 +18,7 @@ Design points:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import queue
@@ -25,7 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -213,16 +214,22 @@ _INSERT_USAGE = (
 )
 
 
+# A usage record's status by the response's: "completed", "failed", ...
+_STATUS_NAMES = {
+    value: name.removeprefix("RESPONSE_STATUS_").lower()
+    for name, value in response_pb2.ResponseStatus.items()
+}
+
+
 def _usage_row(
     workspace_id: str, response: response_pb2.Response, finished_at: int
 ) -> tuple[str, str, str, str, int, int, int, int, int, int]:
     usage = response.usage
-    status = response_pb2.ResponseStatus.Name(response.status).removeprefix("RESPONSE_STATUS_").lower()
     return (
         response.id,
         workspace_id,
         response.model,
-        status,
+        _STATUS_NAMES[response.status],
         usage.input_tokens,
         usage.output_tokens,
         usage.output_tokens_details.reasoning_tokens,
@@ -243,7 +250,7 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit at the driver level: transactions are explicit (Database.atomic).
+        # Autocommit at the driver level: transactions are explicit (Store._transaction).
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = Database(conn, execute_plugins=False)
         self.db.enable_wal()
@@ -255,13 +262,33 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The writes of one method, all or nothing.
+
+        Inside a transaction that is already open (AsyncStore's batch, which gives each call a
+        savepoint of its own) the writes join it; otherwise they get their own.
+        """
+        conn = self._conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     # ---------------------------------------------------------------------------- keys
 
     def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
         """Creates a key (and the workspace, if new); the plaintext is returned only here."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         now = int(time.time())
-        with self.db.atomic():
+        with self._transaction():
             row = self._conn.execute("SELECT id FROM workspaces WHERE name = ?", [workspace_name]).fetchone()
             if row:
                 workspace_id = row[0]
@@ -293,7 +320,7 @@ class Store:
         return [KeyRecord(*row) for row in rows]
 
     def revoke_key(self, key_id: str) -> bool:
-        with self.db.atomic():
+        with self._transaction():
             cursor = self._conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 [int(time.time()), key_id],
@@ -331,7 +358,7 @@ class Store:
         ``finished``: the response is stored only once it is over (no one could have asked for
         it before), so its usage record is written in the same transaction.
         """
-        with self.db.atomic():
+        with self._transaction():
             if finished:
                 self._conn.execute(_INSERT_USAGE, _usage_row(workspace_id, response, int(time.time())))
             self._conn.execute(
@@ -348,8 +375,7 @@ class Store:
                     request.SerializeToString() if request is not None else None,
                 ],
             )
-            self._insert_items(workspace_id, response.id, _INPUT, input_items)
-            self._insert_items(workspace_id, response.id, _OUTPUT, response.output)
+            self._insert_items(workspace_id, response.id, input_items, response.output)
             self._insert_events(response.id, events)
 
     def save_response(
@@ -366,7 +392,7 @@ class Store:
         writes the response's usage record, even when the response was deleted meanwhile: its
         tokens were spent all the same.
         """
-        with self.db.atomic():
+        with self._transaction():
             cursor = self._conn.execute(
                 "UPDATE responses SET status = ?, body = ?"
                 + (", request = NULL" if finished else "")
@@ -378,14 +404,14 @@ class Store:
             if cursor.rowcount != 1:
                 return False
             self._conn.execute("DELETE FROM items WHERE response_id = ? AND kind = ?", [response.id, _OUTPUT])
-            self._insert_items(workspace_id, response.id, _OUTPUT, response.output)
+            self._insert_items(workspace_id, response.id, (), response.output)
             self._insert_events(response.id, events)
         return True
 
     def record_usage(self, workspace_id: str, response: response_pb2.Response) -> None:
         """Writes the usage record of a finished response that is not stored (``store: false``);
         writing it again replaces it."""
-        with self.db.atomic():
+        with self._transaction():
             self._conn.execute(_INSERT_USAGE, _usage_row(workspace_id, response, int(time.time())))
 
     def usage_totals(
@@ -417,7 +443,7 @@ class Store:
         return [UsageTotal(*row) for row in rows if row[1]]
 
     def append_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
-        with self.db.atomic():
+        with self._transaction():
             self._insert_events(response_id, events)
 
     def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
@@ -435,7 +461,7 @@ class Store:
         return response
 
     def delete_response(self, workspace_id: str, response_id: str) -> bool:
-        with self.db.atomic():
+        with self._transaction():
             cursor = self._conn.execute(
                 "DELETE FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
             )
@@ -556,18 +582,23 @@ class Store:
     # ---------------------------------------------------------------------------- helpers
 
     def _insert_items(
-        self, workspace_id: str, response_id: str, kind: int, items: Sequence[response_pb2.Item]
+        self,
+        workspace_id: str,
+        response_id: str,
+        input_items: Sequence[response_pb2.Item],
+        output_items: Sequence[response_pb2.Item],
     ) -> None:
-        if not items:
-            return
-        self._conn.executemany(
-            "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (workspace_id, response_id, item_id(item), kind, position, item.SerializeToString())
-                for position, item in enumerate(items)
-            ],
-        )
+        rows = [
+            (workspace_id, response_id, item_id(item), kind, position, item.SerializeToString())
+            for kind, items in ((_INPUT, input_items), (_OUTPUT, output_items))
+            for position, item in enumerate(items)
+        ]
+        if rows:
+            self._conn.executemany(
+                "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def _insert_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
         if not events:
@@ -596,6 +627,7 @@ class AsyncStore:
     Calls queue up while the thread works; it then takes all that are waiting (up to
     MAX_BATCH) and runs them in one transaction, each in a savepoint of its own, so that
     concurrent requests share one commit (group commit) and a failing call undoes only itself.
+    The callers of a batch are woken together, with one wake-up of their event loop.
     """
 
     MAX_BATCH = 64
@@ -612,7 +644,7 @@ class AsyncStore:
             raise RuntimeError("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._calls.put(_Call(functools.partial(method, *args, **kwargs), loop, future))
+        self._calls.put((functools.partial(method, *args, **kwargs), loop, future))
         return await future
 
     def close(self) -> None:
@@ -625,7 +657,6 @@ class AsyncStore:
         self.store.close()
 
     def _work(self) -> None:
-        conn = self.store.db.conn
         while True:
             first = self._calls.get()
             if first is None:
@@ -641,43 +672,61 @@ class AsyncStore:
                     stop = True
                     break
                 batch.append(call)
-            outcomes: list[tuple[bool, object]] = []
-            if len(batch) == 1:
-                outcomes.append(_run(first))
-            else:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    outcomes = [_run(call) for call in batch]  # each commits to a savepoint
-                    conn.execute("COMMIT")
-                except sqlite3.Error as error:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    outcomes = [(False, error)] * len(batch)
-            for call, (ok, value) in zip(batch, outcomes, strict=True):
-                call.loop.call_soon_threadsafe(_settle, call.future, ok, value)
+            outcomes = [_run(first)] if len(batch) == 1 else self._run_together(batch)
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, object]]] = {}
+            for (_, loop, future), (ok, value) in zip(batch, outcomes, strict=True):
+                settled.setdefault(loop, []).append((future, ok, value))
+            for loop, results in settled.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, results)
             if stop:
                 return
 
+    def _run_together(self, batch: list[_Call]) -> list[tuple[bool, object]]:
+        """Runs the calls in one transaction, each in a savepoint (fixed names, so SQLite's
+        statement cache serves them)."""
+        conn = self.store.db.conn
+        outcomes: list[tuple[bool, object]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for call in batch:
+                conn.execute("SAVEPOINT call")
+                outcome = _run(call)
+                if not conn.in_transaction:
+                    # The failure ended the whole transaction: the calls before it are undone.
+                    error = outcome[1] if not outcome[0] else sqlite3.OperationalError("transaction lost")
+                    outcomes = [(False, error)] * (len(outcomes) + 1)
+                    conn.execute("BEGIN IMMEDIATE")
+                    continue
+                if not outcome[0]:
+                    conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+                outcomes.append(outcome)
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, error)] * len(batch)
+        return outcomes
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    function: Callable[[], object]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
+
+# A queued call: the work, and the loop and future of its caller.
+_Call = tuple[Callable[[], object], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
 def _run(call: _Call) -> tuple[bool, object]:
     try:
-        return True, call.function()
+        return True, call[0]()
     except Exception as error:
         return False, error
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: object) -> None:
-    if future.cancelled():
-        return  # the caller went away; the work is done (and committed) all the same
-    if ok:
-        future.set_result(value)
-    else:
-        assert isinstance(value, BaseException)
-        future.set_exception(value)
+def _settle(results: list[tuple[asyncio.Future[Any], bool, object]]) -> None:
+    for future, ok, value in results:
+        if future.cancelled():
+            continue  # the caller went away; the work is done (and committed) all the same
+        if ok:
+            future.set_result(value)
+        else:
+            assert isinstance(value, BaseException)
+            future.set_exception(value)
