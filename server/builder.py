@@ -8,7 +8,8 @@ that agree with each other and with what is stored.
 
 from __future__ import annotations
 
-import secrets
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,37 @@ RESPONSE_ERROR_CODES = frozenset(
 )
 
 
+class _RandomPool:
+    """Random bytes from the operating system's CSPRNG, fetched 4 KiB at a time.
+
+    One ``os.urandom`` call per id would also release the GIL three times per response, each
+    time handing the interpreter to the store's thread in the middle of a request.
+    """
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a child must never repeat its parent's ids
+
+    def _reset(self) -> None:
+        self._pool = b""
+        self._used = 0
+
+    def hex(self, count: int) -> str:
+        """``count`` random bytes as hex; every byte is handed out once."""
+        with self._lock:
+            if self._used + count > len(self._pool):
+                self._pool, self._used = os.urandom(self.SIZE), 0
+            start = self._used
+            self._used = start + count
+            return self._pool[start : start + count].hex()
+
+
+_random = _RandomPool()
+
+
 def new_id(prefix: str) -> str:
     """An unguessable id with one of OpenAI's prefixes (resp_, msg_, fc_, rs_, ws_).
 
@@ -62,7 +94,7 @@ def new_id(prefix: str) -> str:
     grow with time land at the end of the store's indexes, where a random id would dirty a
     random page of each index per insert (about three times the write cost).
     """
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(18)}"
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{_random.hex(18)}"
 
 
 @dataclass(slots=True)
@@ -125,6 +157,9 @@ class ResponseBuilder:
         self._pending_key: tuple[int, str, int] | None = None
         self._pending_target: Any = None
         self._pending_field = ""
+        # While an output_text part is open: its delta event with everything but the sequence
+        # number and the text filled in, so that the commonest event costs one copy.
+        self._text_delta: Event | None = None
 
     @property
     def response(self) -> response_pb2.Response:
@@ -136,6 +171,7 @@ class ResponseBuilder:
         """Appends ``text`` to ``target.field`` (a string), lazily; ``key`` names the target."""
         if key != self._pending_key:
             self._sync()
+            self._text_delta = None
             self._pending_key, self._pending_target, self._pending_field = key, target, field
         self._pending.append(text)
 
@@ -200,6 +236,8 @@ class ResponseBuilder:
 
     def apply(self, event: base.BackendEvent) -> list[Event]:
         """The stream events caused by one backend event (terminal ones are handled by the caller)."""
+        if self._text_delta is not None and type(event) is base.TextDelta and event.text:
+            return self._next_text_delta(event.text)
         match event:
             case base.TextDelta(text=text):
                 return self._message_delta("output_text", text)
@@ -265,10 +303,25 @@ class ResponseBuilder:
             events.append(
                 self._emit("output_text_delta", events_pb2.OutputTextDeltaEvent, delta=text, **common)
             )
+            self._text_delta = Event(output_text_delta=events_pb2.OutputTextDeltaEvent(**common))
         else:
             self._buffer(key, part.refusal, "refusal", text)
             events.append(self._emit("refusal_delta", events_pb2.RefusalDeltaEvent, delta=text, **common))
         return events
+
+    def _next_text_delta(self, text: str) -> list[Event]:
+        """Another delta of the open output_text part (what ``_message_delta`` would return)."""
+        assert self._text_delta is not None
+        self._pending.append(text)
+        number = self.next_sequence_number
+        self.next_sequence_number = number + 1
+        if self.quiet:
+            return [_UNREAD]
+        event = Event()
+        event.CopyFrom(self._text_delta)
+        event.sequence_number = number
+        event.output_text_delta.delta = text
+        return [event]
 
     def _annotation(self, annotation: response_pb2.Annotation) -> list[Event]:
         if self._open is None or self._open.kind != "message":
@@ -473,6 +526,7 @@ class ResponseBuilder:
     def _close_part(self) -> list[Event]:
         """The .done events of the open sub-part of the open item."""
         self._sync()
+        self._text_delta = None
         open_item = self._open
         if open_item is None or open_item.part is None:
             return []
