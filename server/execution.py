@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from backends import base
 from server.builder import Event, ResponseBuilder
@@ -46,3 +47,9 @@ class Execution:
         finally:
             # Stop the backend now (closing any upstream connection), not when it is collected.
             await stream.aclose()
+
+    async def run(self) -> None:
+        """Drives the backend to the end when nobody reads the events (a unary create)."""
+        async with aclosing(self.batches()) as batches:
+            async for _ in batches:
+                pass

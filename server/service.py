@@ -78,11 +78,16 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if run.builder.response.background:
             await self._start_background(run)
             return run.builder.response
-        execution = Execution(run.builder, run.backend, run.generation)
         # Nobody knows this response's id before the reply: it is stored once, when it is over.
-        async with aclosing(self._foreground(run, execution, announce=False)) as events:
-            async for _ in events:
-                pass
+        execution = Execution(run.builder, run.backend, run.generation)
+        try:
+            await execution.run()
+        except base.BackendError as error:
+            raise await self._failed(run, error) from None
+        except asyncio.CancelledError:
+            self._abandoned(run)
+            raise
+        await self._save(run)
         if execution.error is not None:
             raise errors.from_backend(execution.error, run.builder.response.id)
         if run.builder.expose_encrypted:
@@ -202,14 +207,10 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if request.HasField("previous_response_id"):
             history = await self._history(workspace_id, request.previous_response_id)
         input_items = await self._normalize_input(workspace_id, request)
-        normalized = service_pb2.CreateResponseRequest()
-        normalized.CopyFrom(request)
-        del normalized.input[:]
-        normalized.input.extend(input_items)
         generation = base.GenerationRequest(
             model=route.model,
             context=[*history, *input_items],
-            request=normalized,
+            request=request,
             instructions=request.instructions if request.HasField("instructions") else None,
         )
         try:
@@ -244,26 +245,25 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def _normalize_input(
         self, workspace_id: str, request: service_pb2.CreateResponseRequest
     ) -> list[response_pb2.Item]:
-        """Gives every input item an id and a status, and resolves item references.
+        """Gives every input item an id and a status, and resolves item references, in place:
+        the request is this call's own, and copying every item would cost as much again.
 
         The result is what is stored and listed by ListInputItems, so clients can page through
         items they sent without ids.
         """
-        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        items = request.input
+        references = [item.item_reference.id for item in items if item.HasField("item_reference")]
         found = await self._db.call(self._store.find_items, workspace_id, references) if references else {}
-        items: list[response_pb2.Item] = []
-        for index, original in enumerate(request.input):
-            item = response_pb2.Item()
-            if original.HasField("item_reference"):
-                referenced = found.get(original.item_reference.id)
+        for index, item in enumerate(items):
+            kind = item.WhichOneof("item")
+            if kind == "item_reference":
+                referenced = found.get(item.item_reference.id)
                 if referenced is None:
                     raise errors.invalid_argument(
-                        f"input[{index}].id", f"Item with id '{original.item_reference.id}' not found."
+                        f"input[{index}].id", f"Item with id '{item.item_reference.id}' not found."
                     )
                 item.CopyFrom(referenced)
-            else:
-                item.CopyFrom(original)
-            kind = item.WhichOneof("item")
+                kind = item.WhichOneof("item")
             assert kind is not None  # validated
             member = getattr(item, kind)
             if not member.id:
@@ -272,8 +272,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 _normalize_message(item.message)
             elif kind in ("function_call", "function_call_output") and not member.status:
                 member.status = response_pb2.ITEM_STATUS_COMPLETED
-            items.append(item)
-        return items
+        return list(items)
 
     async def _start_background(self, run: _Run) -> LiveResponse:
         builder = run.builder
@@ -300,19 +299,17 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             list(events),
         )
 
-    async def _foreground(
-        self, run: _Run, execution: Execution, *, announce: bool = True
-    ) -> AsyncGenerator[Event, None]:
-        """The events of a response generated while its caller waits.
+    async def _foreground(self, run: _Run, execution: Execution) -> AsyncGenerator[Event, None]:
+        """The events of a response streamed to its caller while it is generated.
 
         Lifecycle events are held back until the backend produced something, so a backend that
-        fails at once becomes an error status instead of a stream that starts and fails.
-        ``announce``: store the response as in progress first, because the caller learns its id
-        (from response.created) while it runs; otherwise it is stored once, finished.
+        fails at once becomes an error status instead of a stream that starts and fails. The
+        response is stored as in progress first: the caller learns its id from
+        response.created while it runs.
         """
         builder = run.builder
         response = builder.response
-        if run.stored and announce:
+        if run.stored:
             await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
             run.announced = True
         head = builder.created() + builder.started()
@@ -325,16 +322,24 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                     for event in batch:
                         yield event
         except base.BackendError as error:
-            builder.failed(error.code, error.message)
-            await self._save(run)
-            raise errors.from_backend(error, response.id) from None
+            raise await self._failed(run, error) from None
         except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away (cancelled, deadline, disconnected): the work stops here.
-            if not builder.finished:
-                builder.cancelled()
-            self._save_detached(run)
+            self._abandoned(run)
             raise
         await self._save(run)
+
+    async def _failed(self, run: _Run, error: base.BackendError) -> errors.ServiceError:
+        """Settles a response whose backend failed before producing anything; the error to raise."""
+        run.builder.failed(error.code, error.message)
+        await self._save(run)
+        return errors.from_backend(error, run.builder.response.id)
+
+    def _abandoned(self, run: _Run) -> None:
+        """The caller went away (cancelled, deadline, disconnected): the work stops here, and
+        the response is settled without making anyone wait."""
+        if not run.builder.finished:
+            run.builder.cancelled()
+        self._save_detached(run)
 
     async def _save(self, run: _Run) -> None:
         """The final write of a finished response. An unstored one leaves only its usage
@@ -407,51 +412,56 @@ def _normalize_message(message: response_pb2.Message) -> None:
             part.input_image.detail = response_pb2.IMAGE_DETAIL_AUTO
 
 
+# The Response as it stands before a request's settings are applied: every default resolved.
+_RESPONSE_DEFAULTS = response_pb2.Response(
+    object="response",
+    store=True,
+    parallel_tool_calls=True,
+    temperature=1.0,
+    top_p=1.0,
+    truncation=response_pb2.TRUNCATION_DISABLED,
+    service_tier=response_pb2.SERVICE_TIER_AUTO,
+    tool_choice=response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_AUTO),
+    text=response_pb2.TextConfig(format=response_pb2.TextFormat(text=response_pb2.TextFormatText())),
+)
+_RESPONSE_FIELDS = response_pb2.Response.DESCRIPTOR.fields_by_name
+# The request's settings that the response reports (both messages name them alike), by how they
+# are copied: a scalar is assigned, a message replaces the default, a list or map is extended.
+_REPORTED_SETTINGS: dict[str, str] = {
+    field.name: (
+        "map"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry
+        else "list"
+        if field.is_repeated
+        else "message"
+        if field.message_type is not None
+        else "scalar"
+    )
+    for field in service_pb2.CreateResponseRequest.DESCRIPTOR.fields
+    if field.name in _RESPONSE_FIELDS
+}
+
+
 def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb2.Response:
     """The Response as it stands before generation: every setting resolved to its default."""
-    response = response_pb2.Response(
-        id=new_id("resp"),
-        object="response",
-        created_at=int(time.time()),
-        status=response_pb2.RESPONSE_STATUS_QUEUED
-        if request.background
-        else response_pb2.RESPONSE_STATUS_IN_PROGRESS,
-        model=request.model,
-        metadata=request.metadata,
-        background=request.background,
-        store=request.store if request.HasField("store") else True,
-        tools=request.tools,
-        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
-        temperature=request.temperature if request.HasField("temperature") else 1.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        truncation=request.truncation or response_pb2.TRUNCATION_DISABLED,
-        service_tier=request.service_tier
-        if request.HasField("service_tier")
-        else response_pb2.SERVICE_TIER_AUTO,
-    )
-    if request.HasField("tool_choice"):
-        response.tool_choice.CopyFrom(request.tool_choice)
+    response = response_pb2.Response()
+    response.CopyFrom(_RESPONSE_DEFAULTS)
+    for field, value in request.ListFields():  # only the fields the request sets
+        how = _REPORTED_SETTINGS.get(field.name)
+        if how == "scalar":
+            setattr(response, field.name, value)
+        elif how == "message":
+            getattr(response, field.name).CopyFrom(value)
+        elif how == "list":
+            getattr(response, field.name).extend(value)
+        elif how == "map":
+            getattr(response, field.name).update(value)
+    response.id = new_id("resp")
+    response.created_at = int(time.time())
+    if request.background:
+        response.status = response_pb2.RESPONSE_STATUS_QUEUED
     else:
-        response.tool_choice.mode = response_pb2.TOOL_CHOICE_MODE_AUTO
-    if request.HasField("text"):
-        response.text.CopyFrom(request.text)
+        response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
     if not response.text.format.WhichOneof("format"):
         response.text.format.text.SetInParent()
-    for field in (
-        "instructions",
-        "previous_response_id",
-        "max_output_tokens",
-        "reasoning",
-        "user",
-        "safety_identifier",
-        "prompt_cache_key",
-        "max_tool_calls",
-        "top_logprobs",
-    ):
-        if request.HasField(field):
-            value = getattr(request, field)
-            if isinstance(value, response_pb2.Reasoning):
-                response.reasoning.CopyFrom(value)
-            else:
-                setattr(response, field, value)
     return response
