@@ -139,11 +139,39 @@ def m002_usage(db: Database) -> None:
         after = finished[-1][0]
 
 
+# Unfinished responses, by status: the only ones recovery looks for.
+_UNFINISHED_STATUSES = f"{response_pb2.RESPONSE_STATUS_QUEUED}, {response_pb2.RESPONSE_STATUS_IN_PROGRESS}"
+
+
 @migrations()
-def m003_drop_redundant_index(db: Database) -> None:
-    """Every lookup by response id uses the primary key; a second index on (workspace, id)
-    only made each insert write one more page."""
+def m003_fewer_index_writes(db: Database) -> None:
+    """Fewer B-trees written per stored response; every commit writes each page it touched.
+
+    * Lookups by response id use the primary key: the (workspace, id) index goes.
+    * The status index keeps only unfinished responses (a partial index), the ones recovery
+      looks for, so a response stored finished does not touch it.
+    * Usage records live in one B-tree keyed by what reports read, (workspace, created_at,
+      response), instead of a rowid table, a key index and a report index. A response's
+      record keeps its key, so writing it again still replaces it.
+    """
     db.execute("DROP INDEX IF EXISTS idx_responses_workspace_id_id")
+    db.execute("DROP INDEX IF EXISTS idx_responses_status")
+    db.execute(
+        "CREATE INDEX idx_responses_unfinished ON responses (status)"
+        f" WHERE status IN ({_UNFINISHED_STATUSES})"
+    )
+    names = ("response_id", "workspace_id", "model", "status", *_TOKEN_COLUMNS, "created_at", "finished_at")
+    columns = ", ".join(names)
+    tokens = ", ".join(f"{name} INTEGER NOT NULL DEFAULT 0" for name in _TOKEN_COLUMNS)
+    db.execute(
+        "CREATE TABLE usage_by_time (response_id TEXT NOT NULL, workspace_id TEXT NOT NULL,"
+        f" model TEXT NOT NULL, status TEXT NOT NULL, {tokens}, created_at INTEGER NOT NULL,"
+        " finished_at INTEGER NOT NULL, PRIMARY KEY (workspace_id, created_at, response_id))"
+        " WITHOUT ROWID"
+    )
+    db.execute(f"INSERT INTO usage_by_time ({columns}) SELECT {columns} FROM usage")
+    db.execute("DROP TABLE usage")
+    db.execute("ALTER TABLE usage_by_time RENAME TO usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,9 +594,9 @@ class Store:
     def pending_responses(self) -> list[PendingResponse]:
         """Responses left queued or in progress, oldest first (for recovery at start-up)."""
         rows = self._conn.execute(
-            "SELECT workspace_id, body, request FROM responses WHERE status IN (?, ?)"
-            " ORDER BY created_at, rowid",
-            [response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS],
+            # The statuses are literals, so that SQLite can use the partial index.
+            "SELECT workspace_id, body, request FROM responses"
+            f" WHERE status IN ({_UNFINISHED_STATUSES}) ORDER BY created_at, rowid"
         ).fetchall()
         return [
             PendingResponse(
