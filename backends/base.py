@@ -215,18 +215,19 @@ OPTIONAL_SETTINGS = frozenset(
 )
 
 
-def settings_in_use(request: service_pb2.CreateResponseRequest) -> list[str]:
-    """The optional settings a request sets (present, or non-empty if repeated), by name."""
-    return sorted(field.name for field, _ in request.ListFields() if field.name in OPTIONAL_SETTINGS)
-
-
 def refuse_unaccepted(request: GenerationRequest, accepted: frozenset[str]) -> None:
-    """Raises INVALID_REQUEST (``unsupported_parameter``) for the first setting not accepted."""
-    for name in settings_in_use(request.request):
-        if name not in accepted:
-            raise BackendError(
-                ErrorKind.INVALID_REQUEST,
-                f"Unsupported parameter: '{name}' is not supported with the model '{request.request.model}'.",
-                code="unsupported_parameter",
-                param=name,
-            )
+    """Raises INVALID_REQUEST (``unsupported_parameter``) for the first setting (by name) not
+    accepted."""
+    refused = [
+        field.name
+        for field, _ in request.request.ListFields()
+        if field.name in OPTIONAL_SETTINGS and field.name not in accepted
+    ]
+    if refused:
+        name = min(refused)
+        raise BackendError(
+            ErrorKind.INVALID_REQUEST,
+            f"Unsupported parameter: '{name}' is not supported with the model '{request.request.model}'.",
+            code="unsupported_parameter",
+            param=name,
+        )

@@ -14,6 +14,7 @@ A ``stop`` sequence cuts the text answer where it first occurs, as it would a mo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import secrets
@@ -113,12 +114,15 @@ class EchoBackend:
 
 def _plan(request: GenerationRequest) -> _Plan:
     """Parses the model options and the forced function; raises INVALID_REQUEST if they are bad."""
-    options = _options(request.model)
-    return _Plan(options.get("delay_ms", 0), options.get("fail_after"), _forced_function(request.request))
+    delay_ms, fail_after = _options(request.model)
+    return _Plan(delay_ms, fail_after, _forced_function(request.request))
 
 
-def _options(model: str) -> dict[str, int]:
-    """The ``:key=value`` options after the base name."""
+@functools.lru_cache(maxsize=256)
+def _options(model: str) -> tuple[int, int | None]:
+    """The ``:key=value`` options after the base name: (delay_ms, fail_after).
+
+    Remembered per model name (a name that fails to parse raises every time)."""
     options: dict[str, int] = {}
     for suffix in model.split(":")[1:]:
         key, equals, value = suffix.partition("=")
@@ -133,7 +137,7 @@ def _options(model: str) -> dict[str, int]:
         if not _INTEGER.fullmatch(value) or int(value) > limit:
             raise _invalid_model(f"option '{key}' must be an integer from 0 to {limit}, got '{value}'.")
         options[key] = int(value)
-    return options
+    return options.get("delay_ms", 0), options.get("fail_after")
 
 
 def _forced_function(request: service_pb2.CreateResponseRequest) -> str | None:
@@ -179,18 +183,25 @@ def _until_stop(answer: str, stop: Sequence[str]) -> str:
 
 def _input_tokens(request: GenerationRequest) -> int:
     """Words of the whole context and the instructions, so that chaining shows in the usage."""
-    texts = [request.instructions or ""]
+    words = len(request.instructions.split()) if request.instructions else 0
     for item in request.context:
-        # Unset members of a union read as empty, so every kind of item can be read alike.
-        texts += [
-            item.function_call.name,
-            item.function_call.arguments,
-            item.function_call_output.output,
-            *(summary.text for summary in item.reasoning.summary),
-        ]
-        for part in item.message.content:
-            texts += [part.input_text.text, part.output_text.text, part.refusal.refusal]
-    return sum(len(text.split()) for text in texts)
+        kind = item.WhichOneof("item")
+        if kind == "message":
+            for part in item.message.content:
+                part_kind = part.WhichOneof("part")
+                if part_kind == "input_text":
+                    words += len(part.input_text.text.split())
+                elif part_kind == "output_text":
+                    words += len(part.output_text.text.split())
+                elif part_kind == "refusal":
+                    words += len(part.refusal.refusal.split())
+        elif kind == "function_call":
+            words += len(item.function_call.name.split()) + len(item.function_call.arguments.split())
+        elif kind == "function_call_output":
+            words += len(item.function_call_output.output.split())
+        elif kind == "reasoning":
+            words += sum(len(summary.text.split()) for summary in item.reasoning.summary)
+    return words
 
 
 def _invalid_model(problem: str) -> BackendError:

@@ -303,7 +303,9 @@ class ResponseBuilder:
             events.append(
                 self._emit("output_text_delta", events_pb2.OutputTextDeltaEvent, delta=text, **common)
             )
-            self._text_delta = Event(output_text_delta=events_pb2.OutputTextDeltaEvent(**common))
+            self._text_delta = (
+                _UNREAD if self.quiet else Event(output_text_delta=events_pb2.OutputTextDeltaEvent(**common))
+            )
         else:
             self._buffer(key, part.refusal, "refusal", text)
             events.append(self._emit("refusal_delta", events_pb2.RefusalDeltaEvent, delta=text, **common))
