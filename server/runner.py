@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncGenerator
 
 from backends import base
-from backends.store import AsyncStore
+from backends.store import AsyncStore, event_rows
 from server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
 from server.execution import Execution
 from server.routing import Router
@@ -235,7 +235,7 @@ class BackgroundRunner:
     async def _flush(self, live: LiveResponse) -> None:
         while live.unpublished:
             batch, live.unpublished = live.unpublished, []
-            await self._db.call(self._db.store.append_events, live.response_id, batch)
+            await self._db.insert(event_rows(live.response_id, batch))
             live.publish(batch)
 
     async def _drain(self, live: LiveResponse) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from backends import base
-from backends.store import AsyncStore, item_id
+from backends.store import AsyncStore, item_id, new_response_rows, usage_rows
 from server import auth, errors
 from server.builder import (
     ENCRYPTED_REASONING,
@@ -277,13 +277,14 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def _start_background(self, run: _Run) -> LiveResponse:
         builder = run.builder
         events = builder.created()
-        await self._db.call(
-            self._store.create_response,
-            run.workspace_id,
-            builder.response,
-            run.input_items,
-            request=run.generation.request,
-            events=events,
+        await self._db.insert(
+            new_response_rows(
+                run.workspace_id,
+                builder.response,
+                run.input_items,
+                request=run.generation.request,
+                events=events,
+            )
         )
         # The caller gets the queued snapshot; the runner mutates its own copy.
         running = response_pb2.Response()
@@ -310,7 +311,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         builder = run.builder
         response = builder.response
         if run.stored:
-            await self._db.call(self._store.create_response, run.workspace_id, response, run.input_items)
+            await self._db.insert(new_response_rows(run.workspace_id, response, run.input_items))
             run.announced = True
         head = builder.created() + builder.started()
         try:
@@ -352,14 +353,14 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def _write(self, run: _Run) -> None:
         response = run.builder.response
         if run.stored and not run.announced:
-            await self._db.call(
-                self._store.create_response, run.workspace_id, response, run.input_items, finished=True
+            await self._db.insert(
+                new_response_rows(run.workspace_id, response, run.input_items, finished=True)
             )
         elif run.stored:
             # The usage record is written in the same transaction.
             await self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
         else:
-            await self._db.call(self._store.record_usage, run.workspace_id, response)
+            await self._db.insert(usage_rows(run.workspace_id, response))
 
     async def _write_detached(self, run: _Run) -> None:
         try:

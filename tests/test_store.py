@@ -1,5 +1,5 @@
-"""The store's worker thread: calls queued together share one transaction, and a failing call
-undoes only its own writes."""
+"""The store's worker thread: calls queued together share one transaction, inserts queued
+together are merged, and a failing call undoes only its own writes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from backends.store import AsyncStore, Store
+from backends.store import AsyncStore, NewRows, Store, new_response_rows
+from server.builder import new_id
+from venna.responses.v1 import response_pb2
 
 
 def _insert_then_fail(store: Store, name: str) -> None:
@@ -46,3 +49,52 @@ async def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(RuntimeError, match="closed"):
         await db.call(db.store.list_keys)
+
+
+def _response_rows(response_id: str) -> NewRows:
+    response = response_pb2.Response(id=response_id, object="response", model="echo", created_at=1)
+    response.status = response_pb2.RESPONSE_STATUS_COMPLETED
+    response.output.add().message.id = new_id("msg")
+    question = response_pb2.Item()
+    question.message.id = new_id("msg")
+    question.message.content.add().input_text.text = f"question of {response_id}"
+    return new_response_rows("ws_test", response, [question], finished=True)
+
+
+async def _queued_behind_a_busy_worker(db: AsyncStore, calls: list[Any]) -> list[Any]:
+    """Runs the calls with the worker busy until all of them are queued, so they form one batch."""
+    blocker = asyncio.ensure_future(db.call(time.sleep, 0.2))
+    await asyncio.sleep(0.05)
+    futures = [asyncio.ensure_future(call) for call in calls]
+    await blocker
+    return await asyncio.gather(*futures, return_exceptions=True)
+
+
+@pytest.mark.parametrize("with_other_calls", [False, True], ids=["inserts-alone", "mixed"])
+async def test_inserts_queued_together_are_merged_and_a_failing_one_fails_alone(
+    tmp_path: Path, with_other_calls: bool
+) -> None:
+    db = AsyncStore(Store(tmp_path / "venna.db"))
+    try:
+        taken = new_id("resp")
+        await db.insert(_response_rows(taken))
+        fresh = [new_id("resp") for _ in range(6)]
+        calls: list[Any] = [db.insert(_response_rows(response_id)) for response_id in fresh[:3]]
+        calls.append(db.insert(_response_rows(taken)))  # the same id again: refused
+        if with_other_calls:
+            calls.append(db.call(db.store.create_key, "between"))
+        calls += [db.insert(_response_rows(response_id)) for response_id in fresh[3:]]
+        results = await _queued_behind_a_busy_worker(db, calls)
+    finally:
+        db.close()
+    assert isinstance(results[3], sqlite3.IntegrityError)
+    assert all(not isinstance(result, BaseException) for index, result in enumerate(results) if index != 3)
+    with sqlite3.connect(tmp_path / "venna.db") as check:
+        stored = {row[0] for row in check.execute("SELECT id FROM responses")}
+        items = check.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        usage = {row[0] for row in check.execute("SELECT response_id FROM usage")}
+        workspaces = {row[0] for row in check.execute("SELECT name FROM workspaces")}
+    assert stored == {taken, *fresh}
+    assert items == 2 * len(stored)  # each with its input and output item, none twice
+    assert usage == stored
+    assert workspaces == ({"between"} if with_other_calls else set())
