@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 
 from backends import base
 from server.builder import Event, ResponseBuilder
@@ -32,24 +31,44 @@ class Execution:
         try:
             async for event in stream:
                 produced = True
-                if isinstance(event, base.Incomplete):
-                    yield self.builder.incomplete(event.reason)
-                    return
-                batch = self.builder.apply(event)
+                batch, ended = self._fold(event)
                 if batch:
                     yield batch
+                if ended:
+                    return
             yield self.builder.completed()
         except base.BackendError as error:
-            if not produced:
-                raise
-            self.error = error
-            yield self.builder.failed(error.code, error.message)
+            yield self._failure(error, produced)
         finally:
             # Stop the backend now (closing any upstream connection), not when it is collected.
             await stream.aclose()
 
     async def run(self) -> None:
-        """Drives the backend to the end when nobody reads the events (a unary create)."""
-        async with aclosing(self.batches()) as batches:
-            async for _ in batches:
-                pass
+        """Drives the backend to the end when nobody reads the events (a unary create): the
+        same folding as ``batches`` without a generator between the backend and the builder."""
+        stream = self.backend.generate(self.generation)
+        produced = False
+        try:
+            async for event in stream:
+                produced = True
+                if self._fold(event)[1]:
+                    return
+            self.builder.completed()
+        except base.BackendError as error:
+            self._failure(error, produced)
+        finally:
+            await stream.aclose()
+
+    def _fold(self, event: base.BackendEvent) -> tuple[list[Event], bool]:
+        """The stream events one backend event causes, and whether it ended the response."""
+        if isinstance(event, base.Incomplete):
+            return self.builder.incomplete(event.reason), True
+        return self.builder.apply(event), False
+
+    def _failure(self, error: base.BackendError, produced: bool) -> list[Event]:
+        """A failure after the backend produced something is reported in-band (response.failed);
+        before, it is raised, so that the caller answers with an error status instead."""
+        if not produced:
+            raise error
+        self.error = error
+        return self.builder.failed(error.code, error.message)
