@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import queue
 import secrets
 import sqlite3
@@ -35,6 +36,8 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "vk_"
 _INPUT, _OUTPUT = 0, 1
@@ -390,7 +393,8 @@ class Store:
     """Synchronous access to one SQLite database file."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit at the driver level: transactions are explicit (Store._transaction).
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = Database(conn, execute_plugins=False)
@@ -744,11 +748,21 @@ class AsyncStore:
     # concurrent callers never wait.
     LINGER_SECONDS = 0.001
     LINGER_AFTER_BATCH = 5
+    # Checkpoints (copying the write-ahead log into the database file, with their fsyncs) run
+    # on a thread and connection of their own, so that no commit waits for one: a commit that
+    # ran SQLite's automatic checkpoint held up every caller of its batch for milliseconds.
+    # The writer checkpoints by itself only once the log has grown this long regardless.
+    CHECKPOINT_SECONDS = 0.1
+    WAL_LIMIT_PAGES = 16384
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._closed = False
+        store.db.conn.execute(f"PRAGMA wal_autocheckpoint={self.WAL_LIMIT_PAGES}")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint, name="venna-checkpoint", daemon=True)
+        self._checkpointer.start()
         self._thread = threading.Thread(target=self._work, name="venna-store", daemon=True)
         self._thread.start()
 
@@ -775,7 +789,24 @@ class AsyncStore:
         self._closed = True
         self._calls.put(None)
         self._thread.join()
+        self._stop_checkpoints.set()
+        self._checkpointer.join()
         self.store.close()
+
+    def _checkpoint(self) -> None:
+        conn = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            while not self._stop_checkpoints.wait(self.CHECKPOINT_SECONDS):
+                try:
+                    # PASSIVE: copies what it can without waiting for (or holding up) anyone.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    log.warning(
+                        "checkpoint failed; the writer checkpoints once the log is long", exc_info=True
+                    )
+        finally:
+            conn.close()
 
     def _work(self) -> None:
         linger = 0.0

@@ -98,3 +98,21 @@ async def test_inserts_queued_together_are_merged_and_a_failing_one_fails_alone(
     assert items == 2 * len(stored)  # each with its input and output item, none twice
     assert usage == stored
     assert workspaces == ({"between"} if with_other_calls else set())
+
+
+async def test_checkpoints_run_beside_the_writer(tmp_path: Path) -> None:
+    """The write-ahead log is copied into the database file by the checkpoint thread, long
+    before the writer's own (much later) automatic checkpoint would."""
+    path = tmp_path / "venna.db"
+    db = AsyncStore(Store(path))
+    try:
+        empty = path.stat().st_size
+        for _ in range(20):
+            await db.insert(_response_rows(new_id("resp")))
+        for _ in range(200):  # up to 10 s
+            if path.stat().st_size > empty:
+                break
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size > empty
+    finally:
+        db.close()
