@@ -27,7 +27,7 @@ class Execution:
 
     async def batches(self) -> AsyncGenerator[list[Event], None]:
         stream = self.backend.generate(self.generation)
-        produced = False
+        produced = exhausted = False
         try:
             async for event in stream:
                 produced = True
@@ -36,28 +36,32 @@ class Execution:
                     yield batch
                 if ended:
                     return
+            exhausted = True
             yield self.builder.completed()
         except base.BackendError as error:
             yield self._failure(error, produced)
         finally:
-            # Stop the backend now (closing any upstream connection), not when it is collected.
-            await stream.aclose()
+            if not exhausted:
+                # Stop the backend now (closing any upstream connection), not when it is collected.
+                await stream.aclose()
 
     async def run(self) -> None:
         """Drives the backend to the end when nobody reads the events (a unary create): the
         same folding as ``batches`` without a generator between the backend and the builder."""
         stream = self.backend.generate(self.generation)
-        produced = False
+        produced = exhausted = False
         try:
             async for event in stream:
                 produced = True
                 if self._fold(event)[1]:
                     return
+            exhausted = True
             self.builder.completed()
         except base.BackendError as error:
             self._failure(error, produced)
         finally:
-            await stream.aclose()
+            if not exhausted:
+                await stream.aclose()
 
     def _fold(self, event: base.BackendEvent) -> tuple[list[Event], bool]:
         """The stream events one backend event causes, and whether it ended the response."""

@@ -206,7 +206,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         history: list[response_pb2.Item] = []
         if request.HasField("previous_response_id"):
             history = await self._history(workspace_id, request.previous_response_id)
-        input_items = await self._normalize_input(workspace_id, request)
+        if any(item.HasField("item_reference") for item in request.input):
+            await self._resolve_references(workspace_id, request)
+        input_items = _normalize_input(request)
         generation = base.GenerationRequest(
             model=route.model,
             context=[*history, *input_items],
@@ -242,37 +244,20 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         history = await self._db.call(self._store.load_context, workspace_id, previous_response_id)
         return history or []
 
-    async def _normalize_input(
+    async def _resolve_references(
         self, workspace_id: str, request: service_pb2.CreateResponseRequest
-    ) -> list[response_pb2.Item]:
-        """Gives every input item an id and a status, and resolves item references, in place:
-        the request is this call's own, and copying every item would cost as much again.
-
-        The result is what is stored and listed by ListInputItems, so clients can page through
-        items they sent without ids.
-        """
-        items = request.input
-        references = [item.item_reference.id for item in items if item.HasField("item_reference")]
-        found = await self._db.call(self._store.find_items, workspace_id, references) if references else {}
-        for index, item in enumerate(items):
-            kind = item.WhichOneof("item")
-            if kind == "item_reference":
+    ) -> None:
+        """Replaces each item reference of the input with the stored item it names, in place."""
+        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        found = await self._db.call(self._store.find_items, workspace_id, references)
+        for index, item in enumerate(request.input):
+            if item.HasField("item_reference"):
                 referenced = found.get(item.item_reference.id)
                 if referenced is None:
                     raise errors.invalid_argument(
                         f"input[{index}].id", f"Item with id '{item.item_reference.id}' not found."
                     )
                 item.CopyFrom(referenced)
-                kind = item.WhichOneof("item")
-            assert kind is not None  # validated
-            member = getattr(item, kind)
-            if not member.id:
-                member.id = new_id(_ITEM_ID_PREFIXES[kind])
-            if kind == "message":
-                _normalize_message(item.message)
-            elif kind in ("function_call", "function_call_output") and not member.status:
-                member.status = response_pb2.ITEM_STATUS_COMPLETED
-        return list(items)
 
     async def _start_background(self, run: _Run) -> LiveResponse:
         builder = run.builder
@@ -399,6 +384,27 @@ def _require_background(response: response_pb2.Response, action: str, *, param: 
             reason="NOT_BACKGROUND",
             param=param,
         )
+
+
+def _normalize_input(request: service_pb2.CreateResponseRequest) -> list[response_pb2.Item]:
+    """Gives every input item an id and a status, in place: the request is this call's own,
+    and copying every item would cost as much again.
+
+    The result is what is stored and listed by ListInputItems, so clients can page through
+    items they sent without ids.
+    """
+    items = request.input
+    for item in items:
+        kind = item.WhichOneof("item")
+        assert kind is not None  # validated
+        member = getattr(item, kind)
+        if not member.id:
+            member.id = new_id(_ITEM_ID_PREFIXES[kind])
+        if kind == "message":
+            _normalize_message(item.message)
+        elif kind in ("function_call", "function_call_output") and not member.status:
+            member.status = response_pb2.ITEM_STATUS_COMPLETED
+    return list(items)
 
 
 def _normalize_message(message: response_pb2.Message) -> None:
