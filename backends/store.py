@@ -766,21 +766,24 @@ class AsyncStore:
         self._thread = threading.Thread(target=self._work, name="venna-store", daemon=True)
         self._thread.start()
 
-    async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._queue(functools.partial(method, *args, **kwargs))  # type: ignore[no-any-return]
+    # Both return the future of the call's result rather than being coroutines: a write is on
+    # the path of every create, and each coroutine layer costs.
+    def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> asyncio.Future[_T]:
+        """Queues ``method(*args, **kwargs)`` for the store's thread; await the result."""
+        return self._queue(functools.partial(method, *args, **kwargs))
 
-    async def insert(self, rows: NewRows) -> None:
-        """Inserts new records (``Store.insert``); rows are built by the caller, so what is
-        written is the records as they were at the call."""
-        await self._queue(rows)
+    def insert(self, rows: NewRows) -> asyncio.Future[None]:
+        """Queues an insert of new records (``Store.insert``); rows are built by the caller, so
+        what is written is the records as they were at the call."""
+        return self._queue(rows)
 
-    async def _queue(self, work: Callable[[], object] | NewRows) -> Any:
+    def _queue(self, work: Callable[[], object] | NewRows) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._calls.put((work, loop, future))
-        return await future
+        return future
 
     def close(self) -> None:
         """Runs the calls already queued, then closes the database."""

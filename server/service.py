@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -335,17 +335,17 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         else:
             self._save_detached(run)
 
-    async def _write(self, run: _Run) -> None:
+    def _write(self, run: _Run) -> Awaitable[object]:
+        """Queues the final write of a finished response; await it to know it is stored."""
         response = run.builder.response
         if run.stored and not run.announced:
-            await self._db.insert(
+            return self._db.insert(
                 new_response_rows(run.workspace_id, response, run.input_items, finished=True)
             )
-        elif run.stored:
+        if run.stored:
             # The usage record is written in the same transaction.
-            await self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
-        else:
-            await self._db.insert(usage_rows(run.workspace_id, response))
+            return self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
+        return self._db.insert(usage_rows(run.workspace_id, response))
 
     async def _write_detached(self, run: _Run) -> None:
         try:

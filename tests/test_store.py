@@ -4,8 +4,10 @@ together are merged, and a failing call undoes only its own writes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +63,15 @@ def _response_rows(response_id: str) -> NewRows:
     return new_response_rows("ws_test", response, [question], finished=True)
 
 
-async def _queued_behind_a_busy_worker(db: AsyncStore, calls: list[Any]) -> list[Any]:
-    """Runs the calls with the worker busy until all of them are queued, so they form one batch."""
-    blocker = asyncio.ensure_future(db.call(time.sleep, 0.2))
+async def _queued_behind_a_busy_worker(
+    db: AsyncStore, calls: list[Callable[[], Awaitable[Any]]]
+) -> list[Any]:
+    """Makes the calls while the worker is busy, so that they queue up and form one batch."""
+    blocker = db.call(time.sleep, 0.2)
     await asyncio.sleep(0.05)
-    futures = [asyncio.ensure_future(call) for call in calls]
+    queued = [asyncio.ensure_future(call()) for call in calls]
     await blocker
-    return await asyncio.gather(*futures, return_exceptions=True)
+    return await asyncio.gather(*queued, return_exceptions=True)
 
 
 @pytest.mark.parametrize("with_other_calls", [False, True], ids=["inserts-alone", "mixed"])
@@ -79,11 +83,11 @@ async def test_inserts_queued_together_are_merged_and_a_failing_one_fails_alone(
         taken = new_id("resp")
         await db.insert(_response_rows(taken))
         fresh = [new_id("resp") for _ in range(6)]
-        calls: list[Any] = [db.insert(_response_rows(response_id)) for response_id in fresh[:3]]
-        calls.append(db.insert(_response_rows(taken)))  # the same id again: refused
+        rows = [_response_rows(response_id) for response_id in [*fresh[:3], taken, *fresh[3:]]]
+        calls: list[Callable[[], Awaitable[Any]]] = [functools.partial(db.insert, each) for each in rows]
+        # rows[3] has an id that is taken already: refused.
         if with_other_calls:
-            calls.append(db.call(db.store.create_key, "between"))
-        calls += [db.insert(_response_rows(response_id)) for response_id in fresh[3:]]
+            calls.insert(4, functools.partial(db.call, db.store.create_key, "between"))
         results = await _queued_behind_a_busy_worker(db, calls)
     finally:
         db.close()
