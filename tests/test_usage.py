@@ -474,6 +474,13 @@ def test_the_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
         assert (total.responses, total.input_tokens, total.output_tokens, total.total_tokens) == (1, 7, 5, 12)
         row = usage_rows(db_path)["resp_done"]
         assert (row["status"], row["created_at"], row["finished_at"]) == ("completed", 500, 510)
+        # Recovery still finds the unfinished response, through the index that keeps only those.
+        assert [pending.response.id for pending in store.pending_responses()] == ["resp_running"]
+        queued, in_progress = response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS
+        plan = store.db.execute(
+            f"EXPLAIN QUERY PLAN SELECT id FROM responses WHERE status IN ({queued}, {in_progress})"
+        ).fetchall()
+        assert "idx_responses_unfinished" in str(plan)
     finally:
         store.close()
     # Opening it again applies nothing more.
