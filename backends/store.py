@@ -334,7 +334,7 @@ def _item_rows(
 
 
 def event_rows(response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> NewRows:
-    """Stream events of a stored response (``append_events``)."""
+    """Stream events of a stored response, in addition to those it has."""
     return NewRows(events=_event_rows(response_id, events))
 
 
@@ -488,27 +488,6 @@ class Store:
 
     # ---------------------------------------------------------------------------- responses
 
-    def create_response(
-        self,
-        workspace_id: str,
-        response: response_pb2.Response,
-        input_items: Sequence[response_pb2.Item],
-        *,
-        request: service_pb2.CreateResponseRequest | None = None,
-        events: Sequence[events_pb2.ResponseStreamEvent] = (),
-        finished: bool = False,
-    ) -> None:
-        """Stores a new response with its input items (and, for background runs, its request).
-
-        ``finished``: the response is stored only once it is over (no one could have asked for
-        it before), so its usage record is written in the same transaction.
-        """
-        self.insert(
-            new_response_rows(
-                workspace_id, response, input_items, request=request, events=events, finished=finished
-            )
-        )
-
     def insert(self, rows: NewRows) -> None:
         """Inserts new records, all or nothing."""
         with self._transaction():
@@ -549,11 +528,6 @@ class Store:
             _insert_rows(self._conn, _EVENT_INSERT, _event_rows(response.id, events))
         return True
 
-    def record_usage(self, workspace_id: str, response: response_pb2.Response) -> None:
-        """Writes the usage record of a finished response that is not stored (``store: false``);
-        writing it again replaces it."""
-        self.insert(usage_rows(workspace_id, response))
-
     def usage_totals(
         self,
         workspace_id: str,
@@ -581,9 +555,6 @@ class Store:
             parameters,
         ).fetchall()
         return [UsageTotal(*row) for row in rows if row[1]]
-
-    def append_events(self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> None:
-        self.insert(event_rows(response_id, events))
 
     def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
         row = self._conn.execute(

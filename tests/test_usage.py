@@ -17,7 +17,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlite_utils import Database
 
-from backends.store import Store, migrations
+from backends.store import Store, migrations, new_response_rows
+from backends.store import usage_rows as new_usage_rows
 from server import cli
 from tests.conftest import Client, Venna, error_info, make_request, serving
 from tests.test_background import wait_for_status
@@ -215,7 +216,7 @@ async def test_a_restart_records_the_responses_it_fails(tmp_path: Path) -> None:
         model="echo",
         store=True,
     )
-    store.create_response(workspace.id, interrupted, [])
+    store.insert(new_response_rows(workspace.id, interrupted, []))
     store.close()
 
     async with serving(db_path) as venna:
@@ -236,7 +237,6 @@ async def test_unstored_records_are_written_before_shutdown_ends(tmp_path: Path)
 
 async def seed(venna: Venna) -> None:
     """Records at known times: alpha has a@1000, b@2000, a@3000; beta has a@2000."""
-    store = venna.server.db.store
     alpha, beta = await workspace_of(venna, venna.alpha), await workspace_of(venna, venna.beta)
     records = [
         (alpha, "a", 1_000, 10, 1, 0, 4),
@@ -257,7 +257,7 @@ async def seed(venna: Venna) -> None:
         response.usage.output_tokens = output_tokens
         response.usage.output_tokens_details.reasoning_tokens = reasoning
         response.usage.input_tokens_details.cached_tokens = cached
-        await venna.server.db.call(store.record_usage, workspace, response)
+        await venna.server.db.insert(new_usage_rows(workspace, response))
 
 
 async def test_totals_by_time_range_and_model(venna: Venna) -> None:
