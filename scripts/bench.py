@@ -366,6 +366,9 @@ class LoadSpec:
     duration: float = 0.0
     warmup: float = 0.0
     words: int = 0
+    model: str = "echo"
+    # Extra fields of every HTTP request body (e.g. {"store": False}).
+    body: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -549,7 +552,7 @@ async def _run_http(spec: LoadSpec, ready: Callable[[], None] | None) -> LoadRes
             for _ in range(spec.concurrency)
         ]
         if spec.kind == "http_unary":
-            body = json.dumps({"model": "echo", "input": UNARY_TEXT}).encode()
+            body = json.dumps({"model": spec.model, "input": UNARY_TEXT, **dict(spec.body)}).encode()
 
             async def post(index: int) -> None:
                 reply = await clients[index].post("/responses", content=body)
@@ -562,21 +565,26 @@ async def _run_http(spec: LoadSpec, ready: Callable[[], None] | None) -> LoadRes
             return await closed_loop(post, spec.concurrency, spec.duration)
 
         def streamer(words: int) -> Callable[[int], Awaitable[int]]:
-            body = json.dumps({"model": "echo", "input": words_text(words), "stream": True}).encode()
+            body = json.dumps(
+                {"model": spec.model, "input": words_text(words), "stream": True, **dict(spec.body)}
+            ).encode()
 
             async def stream(index: int) -> int:
                 frames = 0
-                last = ""
+                last = last_data = ""
                 async with clients[index].stream("POST", "/responses", content=body) as reply:
                     if reply.status_code != 200:
                         await reply.aread()
                         raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:300]}")
                     async for line in reply.aiter_lines():
-                        if line.startswith("data:"):
+                        if line.startswith("data:") and line != "data: [DONE]":  # [DONE]: some gateways
                             frames += 1
+                            last_data = line
                         elif line.startswith("event:"):
-                            last = line
-                if last != "event: response.completed":
+                            last = line.removeprefix("event:").strip()
+                if not last and last_data:  # a server that sends no event lines (some gateways)
+                    last = json.loads(last_data.removeprefix("data:")).get("type", "")
+                if last != "response.completed":
                     raise RuntimeError(f"SSE stream ended after {last!r}, not response.completed")
                 return frames
 

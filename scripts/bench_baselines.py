@@ -342,10 +342,23 @@ async def _frames(stream: SseStream, delay: float) -> AsyncIterator[bytes]:
         yield frame
 
 
+def last_user_text_of(value: Any) -> str:
+    """The text to echo from a JSON ``input``: the string itself, or the last user message's
+    text (the form a gateway in front of this server sends)."""
+    if isinstance(value, str):
+        return value
+    for item in reversed(value if isinstance(value, list) else []):
+        if isinstance(item, dict) and item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+    return ""
+
+
 async def responses(request: Request) -> Response:
     body = json.loads(await request.body())
-    text = body.get("input")
-    text = text if isinstance(text, str) else ""
+    text = last_user_text_of(body.get("input"))
     if body.get("stream"):
         return StreamingResponse(
             _frames(sse_stream(text), delay_seconds(str(body.get("model", "")))),

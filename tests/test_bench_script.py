@@ -1,4 +1,5 @@
-"""scripts/bench.py runs end to end in its quick mode and reports every section with real numbers."""
+"""scripts/bench.py and scripts/bench_peers.py run end to end in their quick modes and report
+real numbers."""
 
 from __future__ import annotations
 
@@ -42,3 +43,32 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
                 continue
             assert row["venna"] > 0, (name, row)
             assert row["baseline"] is None or row["baseline"] > 0, (name, row)
+
+
+@pytest.mark.timeout(120)
+def test_quick_peer_benchmark_measures_venna_in_front_of_an_upstream(tmp_path: Path) -> None:
+    """Without LiteLLM: the upstream directly, and Venna (storing and not) in front of it."""
+    results = tmp_path / "peers.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_peers.py"),
+            "--quick",
+            "--litellm",
+            "",
+            "--json",
+            str(results),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    document = json.loads(results.read_text())
+    assert document["gateways"] == ["direct", "Venna (store)", "Venna (store: false)"]
+    assert document["errors"] == []
+    assert len(document["rows"]) == 10  # per Venna setting: req/s and p50 at c1 and c16, SSE events/s
+    for row in document["rows"]:
+        assert row["venna"] > 0 and row["baseline"] > 0, row
