@@ -66,11 +66,12 @@ class _RandomPool:
     SIZE = 4096
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # a child must never repeat its parent's ids
+        # A child must never repeat its parent's ids (nor inherit a lock another thread held).
+        os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
+        self._lock = threading.Lock()
         self._pool = b""
         self._used = 0
 
