@@ -270,8 +270,9 @@ class Bench:
         return f"{self._count:02d}-{name}"
 
     @contextlib.contextmanager
-    def venna(self) -> Iterator[VennaHandle]:
-        """A fresh ``venna serve`` over a new database, with one workspace key."""
+    def venna(self, config: Path | None = None) -> Iterator[VennaHandle]:
+        """A fresh ``venna serve`` over a new database, with one workspace key (and the
+        routing table ``config``, if given)."""
         name = self._next("venna")
         db = self.scratch / f"{name}.db"
         command = [sys.executable, "-m", "server.cli"]
@@ -299,6 +300,7 @@ class Bench:
                 "WARNING",
                 "--shutdown-grace",
                 "2",
+                *(["--config", str(config)] if config is not None else []),
             ],
             self.scratch / f"{name}.log",
         )
@@ -680,7 +682,7 @@ def _check(result: LoadResult, what: str, section: SectionResult) -> None:
         section.errors.append(f"{what}: no call succeeded")
 
 
-def _summary(result: LoadResult) -> dict[str, Any]:
+def summarize(result: LoadResult) -> dict[str, Any]:
     return {
         "calls": result.calls,
         "events": result.events,
@@ -706,7 +708,7 @@ def unary_rows(
         venna, bare = measure_pair(bench, spec, bare_target)
         _check(venna, f"Venna {label} c{concurrency}", section)
         _check(bare, f"bare {label} c{concurrency}", section)
-        section.raw[f"c{concurrency}"] = {"venna": _summary(venna), "bare": _summary(bare)}
+        section.raw[f"c{concurrency}"] = {"venna": summarize(venna), "bare": summarize(bare)}
         rate_v, rate_b = venna.calls / venna.elapsed, bare.calls / bare.elapsed
         p99_v, p99_b = percentile(venna.latencies, 0.99) * 1e3, percentile(bare.latencies, 0.99) * 1e3
         rate = Row(f"{label} c{concurrency} throughput", "req/s", rate_v, rate_b)
@@ -774,8 +776,8 @@ def stream_rows(
         section.raw[name] = {
             "streams": streams,
             "words": words,
-            "venna": _summary(mine) | {"peak_rss_bytes": mine.peak_rss},
-            "bare": _summary(theirs) | {"peak_rss_bytes": theirs.peak_rss},
+            "venna": summarize(mine) | {"peak_rss_bytes": mine.peak_rss},
+            "bare": summarize(theirs) | {"peak_rss_bytes": theirs.peak_rss},
         }
         rate_v, rate_b = mine.events / mine.elapsed, theirs.events / theirs.elapsed
         section.rows.append(
@@ -820,7 +822,7 @@ def section_http_unary(bench: Bench) -> SectionResult:
         http, direct = alternate(bench, [one, replace(one, kind="grpc_unary", target=venna.grpc_target)])
     _check(http, "Venna HTTP c1 (shim comparison)", section)
     _check(direct, "Venna gRPC c1 (shim comparison)", section)
-    section.raw["shim_comparison"] = {"http_c1": _summary(http), "grpc_c1": _summary(direct)}
+    section.raw["shim_comparison"] = {"http_c1": summarize(http), "grpc_c1": summarize(direct)}
     http_p50, grpc_p50 = median(http.latencies) * 1e3, median(direct.latencies) * 1e3
     section.rows.append(
         Row("shim: HTTP p50 vs gRPC p50, c1", "ms", http_p50, grpc_p50, baseline_label="gRPC")

@@ -43,21 +43,17 @@ from typing import Any
 
 import httpx
 from bench import (
-    BASELINES,
-    ROOT,
     Bench,
     LoadResult,
     LoadSpec,
     Profile,
     Row,
     SectionResult,
-    ServerProcess,
     alternate,
-    child_env,
     machine_info,
     median,
-    percentile,
     render_table,
+    summarize,
 )
 
 # LiteLLM's proxy refuses to start without a master key; any long one will do on loopback.
@@ -93,66 +89,6 @@ def wait_until_serving(url: str, process: subprocess.Popen[Any], log: Path) -> N
             return
         time.sleep(0.25)
     raise RuntimeError(f"{url} did not start within {STARTUP_TIMEOUT:.0f} s")
-
-
-@contextlib.contextmanager
-def upstream(scratch: Path) -> Iterator[str]:
-    server = ServerProcess(
-        "upstream", [sys.executable, str(BASELINES), "http", "--listen", "127.0.0.1:0"], scratch / "up.log"
-    )
-    try:
-        yield f"http://{server.first_line()}/v1"
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def venna(scratch: Path, upstream_url: str) -> Iterator[tuple[str, str]]:
-    """``venna serve`` routing ``local/<model>`` to the upstream; yields its base URL and a key."""
-    config = scratch / "venna.toml"
-    config.write_text(
-        f'[upstreams.local]\nbase_url = "{upstream_url}"\napi_key_env = "BENCH_KEY"\ndialect = "openai"\n'
-    )
-    db = scratch / "venna.db"
-    command = [sys.executable, "-m", "server.cli"]
-    env = {**child_env(), "BENCH_KEY": "unused"}
-    key = subprocess.run(
-        [*command, "keys", "create", "--workspace", "bench", "--db", str(db)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    port = free_port()
-    log = scratch / "venna.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [
-                *command,
-                "serve",
-                "--config",
-                str(config),
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                str(db),
-                "--log-level",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process, log)
-        yield f"http://127.0.0.1:{port}/v1", key
-    finally:
-        _stop(process)
 
 
 @contextlib.contextmanager
@@ -210,19 +146,6 @@ def _stop(process: subprocess.Popen[Any]) -> None:
             process.wait()
 
 
-def _summary(result: LoadResult) -> dict[str, Any]:
-    return {
-        "calls": result.calls,
-        "events": result.events,
-        "errors": result.errors,
-        "error_samples": result.error_samples,
-        "calls_per_s": result.calls / result.elapsed,
-        "events_per_s": result.events / result.elapsed,
-        "p50_ms": median(result.latencies) * 1e3,
-        "p99_ms": percentile(result.latencies, 0.99) * 1e3,
-    }
-
-
 def measure(bench: Bench, gateways: list[Gateway], spec: LoadSpec) -> list[LoadResult]:
     specs = [
         replace(spec, target=gateway.base_url, key=gateway.key, model=gateway.model, body=gateway.body)
@@ -240,7 +163,7 @@ def compare(bench: Bench, gateways: list[Gateway], quick: bool) -> SectionResult
         spec = LoadSpec("http_unary", "", "", concurrency, profile.duration, profile.warmup)
         results = measure(bench, gateways, spec)
         section.raw[f"unary_c{concurrency}"] = {
-            gateway.name: _summary(result) for gateway, result in zip(gateways, results, strict=True)
+            gateway.name: summarize(result) for gateway, result in zip(gateways, results, strict=True)
         }
         base = results[0]
         for gateway, result in zip(gateways[1:], results[1:], strict=True):
@@ -267,7 +190,7 @@ def compare(bench: Bench, gateways: list[Gateway], quick: bool) -> SectionResult
     spec = LoadSpec("http_sse", "", "", streams, words=words)
     results = measure(bench, gateways, spec)
     section.raw["sse"] = {
-        gateway.name: _summary(result) for gateway, result in zip(gateways, results, strict=True)
+        gateway.name: summarize(result) for gateway, result in zip(gateways, results, strict=True)
     }
     base = results[0]
     for gateway, result in zip(gateways[1:], results[1:], strict=True):
@@ -315,15 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     if not options.litellm:
         print("note: LiteLLM not found; measuring Venna alone (see --help to add LiteLLM)", file=sys.stderr)
     started = time.time()
+    # The routing table names the variable that holds the upstream's key; this one takes any.
+    os.environ.setdefault("BENCH_UPSTREAM_KEY", "unused")
     with tempfile.TemporaryDirectory(prefix="venna-peers-") as directory, contextlib.ExitStack() as stack:
         scratch = Path(directory)
         bench = Bench(scratch, profile, client_processes=1)
-        upstream_url = stack.enter_context(upstream(scratch))
-        venna_url, key = stack.enter_context(venna(scratch, upstream_url))
+        upstream_url = f"http://{stack.enter_context(bench.baseline('http')).address}/v1"
+        config = scratch / "venna.toml"
+        config.write_text(
+            f'[upstreams.local]\nbase_url = "{upstream_url}"\napi_key_env = "BENCH_UPSTREAM_KEY"\n'
+            'dialect = "openai"\n'
+        )
+        venna = stack.enter_context(bench.venna(config))
         gateways = [
             Gateway("direct", upstream_url, "", "echo"),
-            Gateway("Venna (store)", venna_url, key, "local/echo"),
-            Gateway("Venna (store: false)", venna_url, key, "local/echo", (("store", False),)),
+            Gateway("Venna (store)", venna.http_base, venna.key, "local/echo"),
+            Gateway("Venna (store: false)", venna.http_base, venna.key, "local/echo", (("store", False),)),
         ]
         if options.litellm:
             litellm_url = stack.enter_context(litellm(options.litellm, scratch, upstream_url))
