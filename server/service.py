@@ -206,8 +206,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         history: list[response_pb2.Item] = []
         if request.HasField("previous_response_id"):
             history = await self._history(workspace_id, request.previous_response_id)
-        if any(item.HasField("item_reference") for item in request.input):
-            await self._resolve_references(workspace_id, request)
+        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        if references:
+            await self._resolve_references(workspace_id, request, references)
         input_items = _normalize_input(request)
         generation = base.GenerationRequest(
             model=route.model,
@@ -245,10 +246,10 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         return history or []
 
     async def _resolve_references(
-        self, workspace_id: str, request: service_pb2.CreateResponseRequest
+        self, workspace_id: str, request: service_pb2.CreateResponseRequest, references: list[str]
     ) -> None:
-        """Replaces each item reference of the input with the stored item it names, in place."""
-        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        """Replaces each item reference of the input (their ids: ``references``) with the stored
+        item it names, in place."""
         found = await self._db.call(self._store.find_items, workspace_id, references)
         for index, item in enumerate(request.input):
             if item.HasField("item_reference"):
