@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -32,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -127,15 +131,18 @@ def m002_usage(db: Database) -> None:
     after = 0
     while True:  # in batches, so that a large database is not read into memory at once
         finished = db.execute(
-            "SELECT rowid, workspace_id, body FROM responses WHERE rowid > ? AND status NOT IN (?, ?)"
-            " ORDER BY rowid LIMIT 1000",
+            "SELECT rowid, id, workspace_id, status, created_at, body FROM responses"
+            " WHERE rowid > ? AND status NOT IN (?, ?) ORDER BY rowid LIMIT 1000",
             [after, response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS],
         ).fetchall()
         if not finished:
             return
         rows = []
-        for _, workspace_id, body in finished:
-            response = response_pb2.Response.FromString(body)
+        for _, response_id, workspace_id, status, created_at, body in finished:
+            # A body that cannot be decoded still has a usage record (with no tokens known).
+            response = _decode(response_pb2.Response, body) or unreadable_response(
+                response_id, created_at, background=False, status=status
+            )
             finished_at = response.completed_at if response.HasField("completed_at") else response.created_at
             rows.append(_usage_row(workspace_id, response, finished_at))
         _insert_rows(db.conn, _USAGE_INSERT, rows)
@@ -232,6 +239,89 @@ class PendingResponse:
     workspace_id: str
     response: response_pb2.Response
     request: service_pb2.CreateResponseRequest | None
+    # The stored body or request could not be decoded: ``response`` is then a placeholder
+    # (``unreadable_response``) with the row's status, and ``request`` is None.
+    unreadable: bool = False
+
+
+class UnreadableRecord(Exception):
+    """A stored record that cannot be decoded (corrupt bytes, or a message nested deeper than
+    protobuf's parser accepts although its serializer wrote it).
+
+    Raised per row, so that one such record fails the calls that need it and nothing else.
+    ``item_id`` names the unreadable item, if it was an item; ``readable`` holds the events
+    read before an unreadable one (``events_after``).
+    """
+
+    def __init__(
+        self,
+        response_id: str,
+        *,
+        created_at: int = 0,
+        background: bool = False,
+        item_id: str | None = None,
+        readable: Sequence[events_pb2.ResponseStreamEvent] = (),
+    ) -> None:
+        super().__init__(f"stored record of response {response_id} cannot be decoded")
+        self.response_id = response_id
+        self.created_at = created_at
+        self.background = background
+        self.item_id = item_id
+        self.readable = list(readable)
+
+
+class ChainTooDeep(Exception):
+    """A ``previous_response_id`` chain longer than the limit a caller gave."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"chain longer than {limit} responses")
+        self.limit = limit
+
+
+UNREADABLE_MESSAGE = "The stored response could not be read."
+
+
+def unreadable_response(
+    response_id: str, created_at: int, *, background: bool, status: int = response_pb2.RESPONSE_STATUS_FAILED
+) -> response_pb2.Response:
+    """What is known of a response whose stored body cannot be decoded: its id, creation
+    time and kind from the row's columns, failed with ``server_error``."""
+    response = response_pb2.Response(
+        id=response_id, object="response", created_at=created_at, background=background
+    )
+    response.status = status  # type: ignore[assignment]  # the row's status column
+    response.error.code = "server_error"
+    response.error.message = UNREADABLE_MESSAGE
+    return response
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _decode(message_type: type[_M], body: bytes) -> _M | None:
+    """The decoded message, or None if ``body`` cannot be decoded."""
+    try:
+        return message_type.FromString(body)
+    except DecodeError:
+        return None
+
+
+# The members of ResponseStreamEvent's union that end a response's stream.
+_TERMINAL_EVENT_FIELDS = frozenset(
+    events_pb2.ResponseStreamEvent.DESCRIPTOR.fields_by_name[name].number
+    for name in ("completed", "incomplete", "failed")
+)
+
+
+def _is_terminal_event(body: bytes) -> bool:
+    """Whether a stored event is terminal, read from its top-level fields only: this works
+    even when the event's snapshot is nested too deeply to decode."""
+    try:
+        shallow = empty_pb2.Empty.FromString(body)  # every field is unknown, none is descended into
+    except DecodeError:
+        return False
+    fields = UnknownFieldSet(shallow)
+    return any(fields[index].field_number in _TERMINAL_EVENT_FIELDS for index in range(len(fields)))
 
 
 def _hash_key(key: str) -> str:
@@ -389,12 +479,47 @@ def item_id(item: response_pb2.Item) -> str:
     return getattr(item, kind).id if kind else ""
 
 
+# Conversations and key hashes are nobody else's business: the database is readable by its
+# owner only. SQLite creates the -wal and -shm files with the database file's mode.
+_FILE_MODE = 0o600
+_DIRECTORY_MODE = 0o700
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _prepare_private_file(path: Path) -> None:
+    """Creates the database file (and missing directories) for its owner only, whatever the
+    umask; tightens an existing file (and its side files) that others could read. A directory
+    that exists already keeps its mode: it may be shared on purpose."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by someone else: theirs
+            os.mkdir(directory, _DIRECTORY_MODE)
+            os.chmod(directory, _DIRECTORY_MODE)  # the umask may have taken bits away
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.fchmod(descriptor, _FILE_MODE)  # exactly, whatever the umask
+        finally:
+            os.close(descriptor)
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in _SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o777 != _FILE_MODE:
+                os.chmod(file, _FILE_MODE)
+
+
 class Store:
     """Synchronous access to one SQLite database file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_private_file(self.path)
         # Autocommit at the driver level: transactions are explicit (Store._transaction).
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = Database(conn, execute_plugins=False)
@@ -557,17 +682,30 @@ class Store:
         return [UsageTotal(*row) for row in rows if row[1]]
 
     def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        """The stored response with its output; None if unknown in this workspace.
+
+        Raises UnreadableRecord if its body or an output item cannot be decoded.
+        """
         row = self._conn.execute(
-            "SELECT body FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+            "SELECT body, created_at, background FROM responses WHERE id = ? AND workspace_id = ?",
+            [response_id, workspace_id],
         ).fetchone()
         if row is None:
             return None
-        response = response_pb2.Response.FromString(row[0])
-        for (body,) in self._conn.execute(
+        body, created_at, background = row
+        response = _decode(response_pb2.Response, body)
+        if response is None:
+            raise UnreadableRecord(response_id, created_at=created_at, background=bool(background))
+        for (item_body,) in self._conn.execute(
             "SELECT body FROM items WHERE response_id = ? AND kind = ? ORDER BY position",
             [response_id, _OUTPUT],
         ):
-            response.output.add().ParseFromString(body)
+            try:
+                response.output.add().ParseFromString(item_body)  # in place: no copy
+            except DecodeError:
+                raise UnreadableRecord(
+                    response_id, created_at=created_at, background=bool(background)
+                ) from None
         return response
 
     def delete_response(self, workspace_id: str, response_id: str) -> bool:
@@ -581,12 +719,18 @@ class Store:
             self._conn.execute("DELETE FROM events WHERE response_id = ?", [response_id])
         return True
 
-    def load_context(self, workspace_id: str, response_id: str) -> list[response_pb2.Item] | None:
+    def load_context(
+        self, workspace_id: str, response_id: str, *, max_depth: int | None = None
+    ) -> list[response_pb2.Item] | None:
         """The conversation up to and including ``response_id``, oldest first.
 
         Per response: its input items, then its output items; ``None`` if the response is
-        unknown in this workspace. One query, however deep the chain.
+        unknown in this workspace. One query, however deep the chain; with ``max_depth``, the
+        query stops one response past that many and raises ChainTooDeep, so that the work a
+        refused chain costs is bounded too. Raises UnreadableRecord if an item of the chain
+        cannot be decoded.
         """
+        bound = 2**62 if max_depth is None else max_depth
         rows = self._conn.execute(
             """
             WITH RECURSIVE chain(id, previous_id, depth) AS (
@@ -595,28 +739,48 @@ class Store:
                 UNION ALL
                 SELECT r.id, r.previous_response_id, chain.depth + 1
                 FROM responses r JOIN chain ON r.id = chain.previous_id
-                WHERE r.workspace_id = :ws
+                WHERE r.workspace_id = :ws AND chain.depth < :bound
             )
-            SELECT chain.depth, items.body FROM chain
+            SELECT chain.depth, chain.id, items.item_id, items.body FROM chain
             LEFT JOIN items ON items.response_id = chain.id
             ORDER BY chain.depth DESC, items.kind, items.position
             """,
-            {"id": response_id, "ws": workspace_id},
+            {"id": response_id, "ws": workspace_id, "bound": bound},
         ).fetchall()
         if not rows:
             return None
-        return [response_pb2.Item.FromString(body) for _, body in rows if body is not None]
+        if max_depth is not None and rows[0][0] >= max_depth:
+            raise ChainTooDeep(max_depth)
+        context: list[response_pb2.Item] = []
+        for _, owner, found_id, body in rows:
+            if body is None:
+                continue
+            item = _decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            context.append(item)
+        return context
 
     def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
-        """Stored items of this workspace by id (for item_reference inputs)."""
+        """Stored items of this workspace by id (for item_reference inputs).
+
+        Raises UnreadableRecord (with its ``item_id``) if one of them cannot be decoded.
+        """
         if not item_ids:
             return {}
         marks = ",".join("?" * len(item_ids))
         rows = self._conn.execute(
-            f"SELECT item_id, body FROM items WHERE workspace_id = ? AND item_id IN ({marks}) ORDER BY seq",
+            "SELECT item_id, response_id, body FROM items"
+            f" WHERE workspace_id = ? AND item_id IN ({marks}) ORDER BY seq",
             [workspace_id, *item_ids],
         ).fetchall()
-        return {found_id: response_pb2.Item.FromString(body) for found_id, body in rows}
+        found: dict[str, response_pb2.Item] = {}
+        for found_id, owner, body in rows:
+            item = _decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            found[found_id] = item
+        return found
 
     def list_input_items(
         self,
@@ -653,19 +817,35 @@ class Store:
             f" ORDER BY position {direction} LIMIT ?",
             [response_id, _INPUT, bound, limit + 1],
         ).fetchall()
-        items = [response_pb2.Item.FromString(body) for (body,) in rows[:limit]]
+        items: list[response_pb2.Item] = []
+        for (body,) in rows[:limit]:
+            item = _decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(response_id)
+            items.append(item)
         return InputItemsPage(items=items, has_more=len(rows) > limit)
 
     def events_after(
         self, workspace_id: str, response_id: str, after: int
     ) -> list[events_pb2.ResponseStreamEvent]:
+        """The stored events numbered above ``after``, in order.
+
+        Raises UnreadableRecord at the first event that cannot be decoded, with the events
+        before it in ``readable``.
+        """
         rows = self._conn.execute(
             "SELECT e.body FROM events e JOIN responses r ON r.id = e.response_id"
             " WHERE e.response_id = ? AND r.workspace_id = ? AND e.sequence_number > ?"
             " ORDER BY e.sequence_number",
             [response_id, workspace_id, after],
         ).fetchall()
-        return [events_pb2.ResponseStreamEvent.FromString(body) for (body,) in rows]
+        events: list[events_pb2.ResponseStreamEvent] = []
+        for (body,) in rows:
+            event = _decode(events_pb2.ResponseStreamEvent, body)
+            if event is None:
+                raise UnreadableRecord(response_id, readable=events)
+            events.append(event)
+        return events
 
     def last_sequence_number(self, response_id: str) -> int:
         row = self._conn.execute(
@@ -673,21 +853,42 @@ class Store:
         ).fetchone()
         return -1 if row is None or row[0] is None else int(row[0])
 
+    def last_terminal_event(self, response_id: str) -> events_pb2.ResponseStreamEvent | None:
+        """The response's last stored event if it ends the stream (completed, incomplete or
+        failed), else None. Raises UnreadableRecord if it is terminal but cannot be decoded."""
+        row = self._conn.execute(
+            "SELECT body FROM events WHERE response_id = ? ORDER BY sequence_number DESC LIMIT 1",
+            [response_id],
+        ).fetchone()
+        if row is None or not _is_terminal_event(row[0]):
+            return None
+        event = _decode(events_pb2.ResponseStreamEvent, row[0])
+        if event is None:
+            raise UnreadableRecord(response_id)
+        return event
+
     def pending_responses(self) -> list[PendingResponse]:
-        """Responses left queued or in progress, oldest first (for recovery at start-up)."""
+        """Responses left queued or in progress, oldest first (for recovery at start-up).
+
+        A row whose body or request cannot be decoded comes as ``unreadable``, so that one
+        such row never stops recovery of the others.
+        """
         rows = self._conn.execute(
             # The statuses are literals, so that SQLite can use the partial index.
-            "SELECT workspace_id, body, request FROM responses"
+            "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
             f" WHERE status IN ({_UNFINISHED_STATUSES}) ORDER BY created_at, rowid"
         ).fetchall()
-        return [
-            PendingResponse(
-                workspace_id=workspace_id,
-                response=response_pb2.Response.FromString(body),
-                request=service_pb2.CreateResponseRequest.FromString(request) if request else None,
-            )
-            for workspace_id, body, request in rows
-        ]
+        pending: list[PendingResponse] = []
+        for response_id, workspace_id, status, background, created_at, body, request in rows:
+            response = _decode(response_pb2.Response, body)
+            kept = _decode(service_pb2.CreateResponseRequest, request) if request else None
+            unreadable = response is None or (request is not None and kept is None)
+            if response is None:
+                response = unreadable_response(
+                    response_id, created_at, background=bool(background), status=status
+                )
+            pending.append(PendingResponse(workspace_id, response, kept, unreadable=unreadable))
+        return pending
 
 
 def _body_without_output(response: response_pb2.Response) -> bytes:

@@ -129,6 +129,26 @@ def _clear_encrypted(response: response_pb2.Response) -> None:
             item.reasoning.ClearField("encrypted_content")
 
 
+_TERMINAL_KINDS = {
+    response_pb2.RESPONSE_STATUS_COMPLETED: "completed",
+    response_pb2.RESPONSE_STATUS_INCOMPLETE: "incomplete",
+    response_pb2.RESPONSE_STATUS_FAILED: "failed",
+}
+
+
+def terminal_event(response: response_pb2.Response, sequence_number: int) -> Event | None:
+    """The event that ends the stream of a finished ``response`` as it stands; None for one
+    that was cancelled (its stream simply ends) or has not finished."""
+    kind = _TERMINAL_KINDS.get(response.status)
+    if kind is None:
+        return None
+    event = Event(sequence_number=sequence_number, **{kind: _LIFECYCLE_EVENTS[kind]()})
+    snapshot = getattr(event, kind).response
+    snapshot.CopyFrom(response)
+    _clear_encrypted(snapshot)
+    return event
+
+
 class ResponseBuilder:
     """Folds backend events into ``response`` and returns the stream events they cause.
 
@@ -651,13 +671,16 @@ class ResponseBuilder:
         usage.output_tokens_details.SetInParent()
 
     def _lifecycle(self, kind: str) -> Event:
+        event = self._emit(kind, _LIFECYCLE_EVENTS[kind])
         if self.quiet:
-            return self._emit(kind, None)
-        snapshot = response_pb2.Response()
+            return event
+        # Copied in, not passed to the constructor: that one parses what it is given, and
+        # protobuf's parser refuses nesting (deep tool parameters) that copying accepts.
+        snapshot = getattr(event, kind).response
         snapshot.CopyFrom(self.response)  # the property: synced
         if not self.expose_encrypted:
             _clear_encrypted(snapshot)
-        return self._emit(kind, _LIFECYCLE_EVENTS[kind], response=snapshot)
+        return event
 
     def _emit(self, member: str, event_type: Any, **fields: Any) -> Event:
         """Wraps one event in the envelope with the next sequence number.

@@ -16,6 +16,14 @@ from grpc_status import rpc_status
 from backends.base import BackendError, ErrorKind
 
 DOMAIN = "venna.dev"
+# How much of a client's value an error message quotes.
+QUOTED_CHARS = 64
+
+
+def quoted(value: str, limit: int = QUOTED_CHARS) -> str:
+    """``value`` as an error message may quote it: never more than ``limit`` characters, so
+    that a megabyte sent is not a megabyte echoed (and logged) back."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 class ServiceError(Exception):
@@ -75,7 +83,7 @@ def invalid_argument(param: str, message: str, reason: str = "INVALID_VALUE") ->
 def response_not_found(response_id: str, param: str = "response_id") -> ServiceError:
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"No response found with id '{response_id}'.",
+        f"No response found with id '{quoted(response_id)}'.",
         reason="RESPONSE_NOT_FOUND",
         param=param,
     )

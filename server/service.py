@@ -12,13 +12,22 @@ from dataclasses import dataclass
 import grpc
 
 from backends import base
-from backends.store import AsyncStore, item_id, new_response_rows, usage_rows
+from backends.store import (
+    AsyncStore,
+    ChainTooDeep,
+    UnreadableRecord,
+    item_id,
+    new_response_rows,
+    unreadable_response,
+    usage_rows,
+)
 from server import auth, errors
 from server.builder import (
     ENCRYPTED_REASONING,
     Event,
     ResponseBuilder,
     new_id,
+    terminal_event,
     without_encrypted_reasoning,
 )
 from server.execution import Execution
@@ -31,6 +40,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# At most this many responses may precede a new one in its previous_response_id chain.
+DEFAULT_MAX_CHAIN_DEPTH = 10_000
+# At most this many background responses of one workspace queued or running in this process.
+DEFAULT_MAX_BACKGROUND_PER_WORKSPACE = 1_000
 _ITEM_ID_PREFIXES = {
     "message": "msg",
     "function_call": "fc",
@@ -53,6 +66,8 @@ class _Run:
     # Whether a stored response was written as in progress before it ran; if not, it is
     # written once, with its input and output, when it is over.
     announced: bool = False
+    # Whether the final write is queued: it happens even if the caller goes away meanwhile.
+    saved: bool = False
 
     @property
     def stored(self) -> bool:
@@ -60,11 +75,26 @@ class _Run:
 
 
 class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
-    def __init__(self, db: AsyncStore, router: Router, runner: BackgroundRunner) -> None:
+    def __init__(
+        self,
+        db: AsyncStore,
+        router: Router,
+        runner: BackgroundRunner,
+        *,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+        max_background_per_workspace: int = DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
+    ) -> None:
         self._db = db
         self._store = db.store
         self._router = router
         self._runner = runner
+        self.max_chain_depth = max_chain_depth
+        self.max_background_per_workspace = max_background_per_workspace
+        # Background creates of each workspace between their admission and the runner taking
+        # them: counted against the cap like the runner's own.
+        self._admitting: dict[str, int] = {}
+        # Stored responses found unreadable, each reported once (a client may poll one).
+        self._reported_unreadable: set[str] = set()
         # Writes that must outlive a cancelled call.
         self._detached: set[asyncio.Task[None]] = set()
 
@@ -132,7 +162,19 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 async for event in events:
                     yield event
             return
-        for event in await self._db.call(self._store.events_after, workspace_id, response.id, after):
+        try:
+            stored = await self._db.call(self._store.events_after, workspace_id, response.id, after)
+        except UnreadableRecord as error:
+            # The stream as far as it can be read, then its end as the stored response has it.
+            self._report_unreadable(response.id, "a stored stream event of response")
+            for event in error.readable:
+                yield event
+            last = error.readable[-1].sequence_number if error.readable else after
+            end = terminal_event(response, max(last, after) + 1)
+            if end is not None:
+                yield end
+            return
+        for event in stored:
             yield event
 
     async def DeleteResponse(
@@ -183,7 +225,17 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             )
         except LookupError:
             raise errors.invalid_argument(
-                "after", f"Invalid 'after': no input item '{after}' in response '{request.response_id}'."
+                "after",
+                f"Invalid 'after': no input item '{errors.quoted(after or '')}' "
+                f"in response '{errors.quoted(request.response_id)}'.",
+            ) from None
+        except UnreadableRecord:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"The input items of response '{errors.quoted(request.response_id)}' "
+                "could not be read from the store.",
+                reason="STORED_RESPONSE_UNREADABLE",
+                param="response_id",
             ) from None
         if page is None:
             raise errors.response_not_found(request.response_id)
@@ -227,11 +279,14 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         return _Run(workspace_id, builder, route.backend, generation, input_items)
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
-        previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)
+        try:
+            previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)
+        except UnreadableRecord as error:
+            raise _unreadable_previous(previous_response_id, error) from None
         if previous is None:
             raise errors.ServiceError(
                 grpc.StatusCode.NOT_FOUND,
-                f"Previous response with id '{previous_response_id}' not found.",
+                f"Previous response with id '{errors.quoted(previous_response_id)}' not found.",
                 reason="PREVIOUS_RESPONSE_NOT_FOUND",
                 param="previous_response_id",
             )
@@ -242,7 +297,19 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 reason="PREVIOUS_RESPONSE_IN_PROGRESS",
                 param="previous_response_id",
             )
-        history = await self._db.call(self._store.load_context, workspace_id, previous_response_id)
+        try:
+            history = await self._db.call(
+                self._store.load_context, workspace_id, previous_response_id, max_depth=self.max_chain_depth
+            )
+        except ChainTooDeep as error:
+            raise errors.invalid_argument(
+                "previous_response_id",
+                f"The conversation of previous response '{previous_response_id}' is too long: at most"
+                f" {error.limit} responses may precede a response (max_chain_depth).",
+                reason="CHAIN_TOO_DEEP",
+            ) from None
+        except UnreadableRecord as error:
+            raise _unreadable_previous(previous_response_id, error) from None
         return history or []
 
     async def _resolve_references(
@@ -250,41 +317,75 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     ) -> None:
         """Replaces each item reference of the input (their ids: ``references``) with the stored
         item it names, in place."""
-        found = await self._db.call(self._store.find_items, workspace_id, references)
+        try:
+            found = await self._db.call(self._store.find_items, workspace_id, references)
+        except UnreadableRecord as error:
+            position = next(
+                index
+                for index, item in enumerate(request.input)
+                if item.HasField("item_reference") and item.item_reference.id == error.item_id
+            )
+            raise errors.invalid_argument(
+                f"input[{position}].id",
+                f"Item with id '{error.item_id}' could not be read from the store.",
+                reason="STORED_ITEM_UNREADABLE",
+            ) from None
         for index, item in enumerate(request.input):
             if item.HasField("item_reference"):
                 referenced = found.get(item.item_reference.id)
                 if referenced is None:
                     raise errors.invalid_argument(
-                        f"input[{index}].id", f"Item with id '{item.item_reference.id}' not found."
+                        f"input[{index}].id",
+                        f"Item with id '{errors.quoted(item.item_reference.id)}' not found.",
                     )
                 item.CopyFrom(referenced)
 
     async def _start_background(self, run: _Run) -> LiveResponse:
-        builder = run.builder
-        events = builder.created()
-        await self._db.insert(
-            new_response_rows(
-                run.workspace_id,
-                builder.response,
-                run.input_items,
-                request=run.generation.request,
-                events=events,
+        workspace_id = run.workspace_id
+        self._admit_background(workspace_id)
+        self._admitting[workspace_id] = self._admitting.get(workspace_id, 0) + 1
+        try:
+            builder = run.builder
+            events = builder.created()
+            await self._db.insert(
+                new_response_rows(
+                    workspace_id,
+                    builder.response,
+                    run.input_items,
+                    request=run.generation.request,
+                    events=events,
+                )
             )
-        )
-        # The caller gets the queued snapshot; the runner mutates its own copy.
-        running = response_pb2.Response()
-        running.CopyFrom(builder.response)
-        return self._runner.submit(
-            run.workspace_id,
-            ResponseBuilder(
-                running,
-                next_sequence_number=builder.next_sequence_number,
-                expose_encrypted=builder.expose_encrypted,
-            ),
-            run.generation,
-            list(events),
-        )
+            # The caller gets the queued snapshot; the runner mutates its own copy.
+            running = response_pb2.Response()
+            running.CopyFrom(builder.response)
+            return self._runner.submit(
+                workspace_id,
+                ResponseBuilder(
+                    running,
+                    next_sequence_number=builder.next_sequence_number,
+                    expose_encrypted=builder.expose_encrypted,
+                ),
+                run.generation,
+                list(events),
+            )
+        finally:
+            self._admitting[workspace_id] -= 1
+            if not self._admitting[workspace_id]:
+                del self._admitting[workspace_id]
+
+    def _admit_background(self, workspace_id: str) -> None:
+        """Refuses a background response over the workspace's cap, before anything is stored."""
+        active = self._runner.active(workspace_id) + self._admitting.get(workspace_id, 0)
+        if active >= self.max_background_per_workspace:
+            raise errors.ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Too many background responses: this workspace has {active} queued or running, and"
+                f" the limit is {self.max_background_per_workspace} (max_background_per_workspace)."
+                " Retry once some have finished.",
+                reason="TOO_MANY_BACKGROUND_RESPONSES",
+                param="background",
+            )
 
     async def _foreground(self, run: _Run, execution: Execution) -> AsyncGenerator[Event, None]:
         """The events of a response streamed to its caller while it is generated.
@@ -292,7 +393,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         Lifecycle events are held back until the backend produced something, so a backend that
         fails at once becomes an error status instead of a stream that starts and fails. The
         response is stored as in progress first: the caller learns its id from
-        response.created while it runs.
+        response.created while it runs. Its terminal event is sent once its final state is
+        stored, so that no crash can lose an answer the caller saw end.
         """
         builder = run.builder
         response = builder.response
@@ -306,14 +408,23 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                     for event in head:
                         yield event
                     head = []
-                    for event in batch:
+                    if not builder.finished:
+                        for event in batch:
+                            yield event
+                        continue
+                    # The terminal event (the batch's last) reaches the caller only once the
+                    # final state is stored: what a caller saw end is never lost.
+                    for event in batch[:-1]:
                         yield event
+                    await self._save(run)
+                    yield batch[-1]
         except base.BackendError as error:
             raise await self._failed(run, error) from None
         except (asyncio.CancelledError, GeneratorExit):
             self._abandoned(run)
             raise
-        await self._save(run)
+        if not run.saved:
+            await self._save(run)
 
     async def _failed(self, run: _Run, error: base.BackendError) -> errors.ServiceError:
         """Settles a response whose backend failed before producing anything; the error to raise."""
@@ -324,6 +435,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     def _abandoned(self, run: _Run) -> None:
         """The caller went away (cancelled, deadline, disconnected): the work stops here, and
         the response is settled without making anyone wait."""
+        if run.saved:
+            return  # the final write is queued already
         if not run.builder.finished:
             run.builder.cancelled()
         self._save_detached(run)
@@ -338,6 +451,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     def _write(self, run: _Run) -> Awaitable[object]:
         """Queues the final write of a finished response; await it to know it is stored."""
+        run.saved = True
         response = run.builder.response
         if run.stored and not run.announced:
             return self._db.insert(
@@ -362,19 +476,48 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     async def _get(self, response_id: str) -> response_pb2.Response:
         workspace_id = auth.workspace_id()
         live = self._runner.live(workspace_id, response_id)
+        if live is not None and live.builder.finished:
+            # Its final state is being stored: report it once it is durable, from the store.
+            await live.settled()
+            live = None
         if live is not None:
             snapshot = response_pb2.Response()
             snapshot.CopyFrom(live.builder.response)
             return snapshot
-        response = await self._db.call(self._store.get_response, workspace_id, response_id)
+        try:
+            response = await self._db.call(self._store.get_response, workspace_id, response_id)
+        except UnreadableRecord as error:
+            # Failed, as far as anyone can tell: what a response that cannot be read answers.
+            self._report_unreadable(response_id, "stored response")
+            return unreadable_response(response_id, error.created_at, background=error.background)
         if response is None:
             raise errors.response_not_found(response_id)
         return response
+
+    def _report_unreadable(self, response_id: str, what: str) -> None:
+        """One warning per response (and process) about stored data that cannot be decoded."""
+        if response_id in self._reported_unreadable or len(self._reported_unreadable) >= 10_000:
+            return
+        self._reported_unreadable.add(response_id)
+        log.warning("%s %s cannot be read; answered as failed", what, response_id)
 
     async def drain(self) -> None:
         """Waits for detached writes (at shutdown)."""
         while self._detached:
             await asyncio.wait(set(self._detached))
+
+
+def _unreadable_previous(previous_response_id: str, error: UnreadableRecord) -> errors.ServiceError:
+    """The error of a create that continues a conversation one of whose stored responses
+    cannot be read: it cannot be continued, but nothing is wrong with the server."""
+    which = "it" if error.response_id == previous_response_id else f"response '{error.response_id}' of it"
+    return errors.ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"Previous response '{previous_response_id}' cannot be continued: {which} could not be read"
+        " from the store.",
+        reason="PREVIOUS_RESPONSE_UNREADABLE",
+        param="previous_response_id",
+    )
 
 
 def _require_background(response: response_pb2.Response, action: str, *, param: str) -> None:
