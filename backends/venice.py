@@ -519,7 +519,7 @@ class _StreamTranslator:
                 error = (data.get("response") or {}).get("error") or {}
                 raise base.BackendError(
                     base.ErrorKind.INTERNAL,
-                    str(error.get("message") or "The upstream model failed."),
+                    _clipped(str(error.get("message") or "The upstream model failed.")),
                     code=str(error.get("code") or "server_error"),
                 )
         return []  # lifecycle and part events: Venna emits its own
@@ -645,30 +645,44 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The upstream's own words from any of Venice's error bodies."""
+# How much of an upstream's own error message reaches the caller.
+MAX_UPSTREAM_MESSAGE = 300
+
+
+def _clipped(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_UPSTREAM_MESSAGE else text[: MAX_UPSTREAM_MESSAGE - 1] + "…"
+
+
+def _error_message(response: httpx.Response) -> str | None:
+    """The upstream's own message about a request it refused (a 4xx), from the JSON error
+    bodies Venice and OpenAI-style servers send, clipped; None for any other body. Raw text
+    (an HTML page, a stack trace) never reaches the caller."""
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip()[:500] or f"HTTP {response.status_code}"
+        return None
     if not isinstance(body, dict):
-        return str(body)[:500]
+        return None
     error = body.get("error")
     if isinstance(error, dict):
-        return str(error.get("message") or error)
-    message = str(error or body.get("message") or f"HTTP {response.status_code}")
+        message = error.get("message")
+        return _clipped(message) if isinstance(message, str) and message.strip() else None
+    message = error if isinstance(error, str) else body.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
     issues = body.get("issues")
     if isinstance(issues, list) and issues:
         details = "; ".join(
             f"{'.'.join(map(str, issue.get('path', [])))}: {issue.get('message')}"
-            if isinstance(issue, dict)
-            else str(issue)
             for issue in issues
+            if isinstance(issue, dict)
         )
-        message = f"{message}: {details}"
+        if details:
+            message = f"{message}: {details}"
     elif isinstance(body.get("details"), str):
         message = f"{message}: {body['details']}"
-    return message
+    return _clipped(message)
 
 
 def _error_code_and_param(response: httpx.Response) -> tuple[str | None, str | None]:
@@ -689,33 +703,53 @@ def _error_code_and_param(response: httpx.Response) -> tuple[str | None, str | N
 
 
 def _upstream_error(response: httpx.Response, retry_after: float | None) -> base.BackendError:
+    """The error of a refused upstream call. A 5xx says only that the upstream failed, with its
+    status: its body (a stack trace, a proxy's page) is the upstream's business. A 4xx keeps
+    the upstream's own JSON message, which tells the caller what to fix."""
     status = response.status_code
-    message = _error_message(response)
     if status in (401, 403):
         return base.BackendError(
             base.ErrorKind.INTERNAL,
             "The gateway's upstream credentials were rejected; contact the gateway operator.",
             code="server_error",
         )
+    if status == 504 or status == 408:
+        return base.BackendError(
+            base.ErrorKind.TIMEOUT, f"The upstream model timed out (HTTP {status}).", code="server_error"
+        )
+    if not 400 <= status < 500:
+        return base.BackendError(
+            base.ErrorKind.UNAVAILABLE, f"The upstream model failed (HTTP {status}).", code="server_error"
+        )
+    message = _error_message(response)
     if status == 402:
-        return base.BackendError(base.ErrorKind.QUOTA_EXCEEDED, message, code="insufficient_quota")
+        return base.BackendError(
+            base.ErrorKind.QUOTA_EXCEEDED,
+            message or "The upstream account has insufficient balance (HTTP 402).",
+            code="insufficient_quota",
+        )
     if status == 429:
         return base.BackendError(
-            base.ErrorKind.RATE_LIMITED, message, code="rate_limit_exceeded", retry_after=retry_after
+            base.ErrorKind.RATE_LIMITED,
+            message or "The upstream model is rate limited (HTTP 429).",
+            code="rate_limit_exceeded",
+            retry_after=retry_after,
         )
     if status == 404:
         return base.BackendError(
-            base.ErrorKind.INVALID_REQUEST, message, code="model_not_found", param="model"
+            base.ErrorKind.INVALID_REQUEST,
+            message or "The upstream does not know this model (HTTP 404).",
+            code="model_not_found",
+            param="model",
         )
-    if status == 504 or status == 408:
-        return base.BackendError(base.ErrorKind.TIMEOUT, message, code="server_error")
-    if 400 <= status < 500:
-        # An OpenAI-shaped body names its own code and parameter (context_length_exceeded, …).
-        code, param = _error_code_and_param(response)
-        return base.BackendError(
-            base.ErrorKind.INVALID_REQUEST, message, code=code or "invalid_request", param=param
-        )
-    return base.BackendError(base.ErrorKind.UNAVAILABLE, message, code="server_error")
+    # An OpenAI-shaped body names its own code and parameter (context_length_exceeded, …).
+    code, param = _error_code_and_param(response)
+    return base.BackendError(
+        base.ErrorKind.INVALID_REQUEST,
+        message or f"The upstream model refused the request (HTTP {status}).",
+        code=code or "invalid_request",
+        param=param,
+    )
 
 
 def _truncated() -> base.BackendError:
@@ -734,4 +768,4 @@ def _stream_error(data: dict[str, Any]) -> base.BackendError:
     else:
         message = str(data.get("message") or error or "The upstream model failed.")
         code = str(data.get("code") or "server_error")
-    return base.BackendError(base.ErrorKind.INTERNAL, message, code=code)
+    return base.BackendError(base.ErrorKind.INTERNAL, _clipped(message), code=_clipped(code))

@@ -13,19 +13,23 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from backends.store import AsyncStore, Store
-from server.auth import Authenticator
+from server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
 from server.routing import Router, default_router
 from server.runner import BackgroundRunner
-from server.service import ResponsesService
+from server.service import (
+    DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
+    DEFAULT_MAX_CHAIN_DEPTH,
+    ResponsesService,
+)
 from server.usage import UsageService
+from server.validation import Limits, check_limits
 from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_name
 USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 
@@ -42,6 +46,82 @@ class ServerConfig:
     # How long an accepted key is trusted without asking the store: a revoked key keeps
     # working in a running server for at most this long.
     key_cache_seconds: float = 5.0
+    # The largest request message (and HTTP body) accepted; gRPC's own default is 4 MiB,
+    # too small for long histories and inline files.
+    max_request_bytes: int = 32 * 1024 * 1024
+    # Responses that may precede a new one in its previous_response_id chain.
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    # Background responses one workspace may have queued or running in this process.
+    max_background_per_workspace: int = DEFAULT_MAX_BACKGROUND_PER_WORKSPACE
+    # Size limits of one create request (input items, model name).
+    limits: Limits = field(default_factory=Limits)
+    # Calls and streams one key may run at once in this process; more get RESOURCE_EXHAUSTED.
+    max_concurrent_per_key: int = DEFAULT_MAX_CONCURRENT_PER_KEY
+    # Calls and streams the process runs at once, every key together.
+    max_concurrent_rpcs: int = 4096
+    # gRPC connections: open connections at once; streams at once on one connection (above
+    # them, a client's new calls wait for one to end).
+    max_connections: int = 1000
+    max_streams_per_connection: int = 1024
+    # Seconds a new connection gets to finish its HTTP/2 handshake.
+    handshake_timeout: float = 10.0
+    # Idle seconds (no call running) after which a connection is closed.
+    max_connection_idle: float = 300.0
+    # Seconds after which a connection is asked to go away (clients reconnect), and the grace
+    # its running calls then get before it is closed.
+    max_connection_age: float = 3600.0
+    max_connection_age_grace: float = 600.0
+    # A ping after this many seconds without traffic, and the connection is closed when its
+    # answer takes longer than keepalive_timeout: dead peers do not hold connections.
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        counts = (
+            "max_request_bytes",
+            "max_chain_depth",
+            "max_background_per_workspace",
+            "max_concurrent_per_key",
+            "max_concurrent_rpcs",
+            "max_connections",
+        )
+        durations = (
+            "handshake_timeout",
+            "max_connection_idle",
+            "max_connection_age",
+            "max_connection_age_grace",
+            "keepalive_time",
+            "keepalive_timeout",
+        )
+        for name in (*counts, "max_streams_per_connection", *durations):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments for these settings."""
+
+        def ms(seconds: float) -> int:
+            return max(1, round(seconds * 1000))
+
+        return [
+            ("grpc.max_receive_message_length", self.max_request_bytes),
+            # gRPC shares ports by default: a second server on a busy port would silently
+            # take half the calls (with its own database) instead of failing to start.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+            ("grpc.max_connection_idle_ms", ms(self.max_connection_idle)),
+            ("grpc.max_connection_age_ms", ms(self.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            # grpc 1.85 closes a connection on an unanswered ping only after this one (one
+            # minute by default), whatever keepalive_timeout_ms says.
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout)),
+            # Idle connections too: a vanished peer's connection goes long before max idle.
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
 
 
 class _HandlerRecorder:
@@ -68,33 +148,54 @@ class VennaServer:
         self.db = AsyncStore(Store(config.db_path))
         self.router = router or default_router(config.routing_config)
         self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
-        self.service = ResponsesService(self.db, self.router, self.runner)
+        self.service = ResponsesService(
+            self.db,
+            self.router,
+            self.runner,
+            max_chain_depth=config.max_chain_depth,
+            max_background_per_workspace=config.max_background_per_workspace,
+        )
         self.usage = UsageService(self.db)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
-        self.authenticator = Authenticator(self.db, config.key_cache_seconds)
+        self.authenticator = Authenticator(self.db, config.key_cache_seconds, config.max_concurrent_per_key)
         self.server = grpc.aio.server(
-            # Requests may carry long histories and inline files; gRPC's default is 4 MiB.
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # gRPC shares ports by default: a second server on a busy port would silently
-                # take half the calls (with its own database) instead of failing to start.
-                ("grpc.so_reuseport", 0),
-            ],
+            options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs
         )
         # Every method of our services needs a key: each handler is wrapped once, here.
         recorder = _HandlerRecorder()
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]
         usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, recorder)  # type: ignore[arg-type]
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+        def within_limits(request: service_pb2.CreateResponseRequest) -> None:
+            check_limits(request, config.limits)
+
+        checks = {
+            (SERVICE_NAME, "CreateResponse"): within_limits,
+            (SERVICE_NAME, "StreamResponse"): within_limits,
+        }
         for service, handlers in recorder.services.items():
-            wrapped = {name: self.authenticator.wrap(handler) for name, handler in handlers.items()}
+            wrapped = {
+                name: self.authenticator.wrap(handler, checks.get((service, name)))
+                for name, handler in handlers.items()
+            }
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
             self.server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]  # not in grpc-stubs
             self._handlers.update({f"/{service}/{name}": handler for name, handler in wrapped.items()})
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, USAGE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        # Health and reflection need no key; their handlers only learn to refuse what cannot
+        # be decoded.
+        open_services = _HandlerRecorder()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, open_services)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # untyped package
+                (SERVICE_NAME, USAGE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            open_services,
         )
+        for service, handlers in open_services.services.items():
+            opened = {name: open_handler(handler) for name, handler in handlers.items()}
+            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, opened),))
+            self.server.add_registered_method_handlers(service, opened)  # type: ignore[attr-defined]
         self.port = 0
 
     async def start(self) -> None:

@@ -5,16 +5,21 @@ Usage) once, when the server is assembled, so that, inside the handler's own tas
 workspace is set in a context variable (read with ``workspace_id()``) and ServiceErrors become
 gRPC statuses with their details. Health and reflection stay open. (A grpc server interceptor
 would do the same, but it runs a coroutine and builds a new handler for every call.)
+
+The key is checked before anything else is done for a call: a request message that cannot be
+decoded is reported (INVALID_ARGUMENT) only to a caller with a valid key, and each key has a
+bound on the calls it runs at once in this process.
 """
 
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import aclosing
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from typing import Any, Final
 
 import grpc
 import grpc.aio
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 _Unary = Callable[[Any, Context], Awaitable[Any]]
 _Stream = Callable[[Any, Context], AsyncGenerator[Any, None]]
+# Runs on a call's request once its key is accepted; raises ServiceError to refuse it.
+RequestCheck = Callable[[Any], None]
+
+DEFAULT_MAX_CONCURRENT_PER_KEY = 256
 
 _workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspace")
 
@@ -38,11 +47,19 @@ def workspace_id() -> str:
 
 
 def _bearer_key(context: Context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+    """The key of ``authorization: Bearer <key>``; raises when there is more than one
+    ``authorization`` (which one counts would be a guess)."""
+    values = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+    if len(values) > 1:
+        raise ServiceError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "Send one 'authorization' header, not several.",
+            reason="INVALID_API_KEY",
+        )
+    if values and isinstance(values[0], str):
+        scheme, _, token = values[0].partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return None
 
 
@@ -76,14 +93,59 @@ class KeyCache:
         self._entries[key] = (workspace, time.monotonic() + self.ttl)
 
 
+class _Undecodable:
+    """Stands for a request message that could not be decoded, so that the call can be
+    authenticated before it is refused."""
+
+    __slots__ = ()
+
+
+UNDECODABLE: Final = _Undecodable()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, answering UNDECODABLE instead of raising: grpc would end the call with
+    UNKNOWN and log a traceback, before the key was looked at."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, or whatever a malformed message makes the parser raise
+            return UNDECODABLE
+
+    return parse
+
+
+def _undecodable() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "The request message could not be decoded: it is not a valid protobuf message of this"
+        " method's request type, or it is nested more than 100 levels deep.",
+        reason="UNDECODABLE_REQUEST",
+    )
+
+
 class Authenticator:
     """Resolves keys to workspaces and wraps handlers so that every call is authenticated."""
 
-    def __init__(self, db: AsyncStore, key_cache_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: AsyncStore,
+        key_cache_seconds: float = 5.0,
+        max_concurrent_per_key: int = DEFAULT_MAX_CONCURRENT_PER_KEY,
+    ) -> None:
+        if max_concurrent_per_key < 1:
+            raise ValueError("max_concurrent_per_key must be at least 1")
         self._db = db
         self._keys = KeyCache(key_cache_seconds)
+        self._max_concurrent = max_concurrent_per_key
+        # Calls (and streams) running now, by key.
+        self._running: dict[str, int] = {}
 
-    async def _authenticate(self, context: Context) -> None:
+    async def _key_and_workspace(self, context: Context) -> tuple[str, str]:
+        """The call's key and its workspace; raises ServiceError when there is no valid key."""
         key = _bearer_key(context)
         if key is None:
             raise ServiceError(
@@ -101,29 +163,78 @@ class Authenticator:
                     reason="INVALID_API_KEY",
                 )
             self._keys.put(key, found)
-        _workspace.set(found)
+        return key, found
 
-    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """``handler`` (unary or server-streaming) behind the key check and error mapping."""
+    async def verify(self, context: Context) -> None:
+        """Aborts ``context`` (with the status a call would get) unless its metadata carries a
+        valid key; for front ends that must know before they read a request's body."""
+        try:
+            await self._key_and_workspace(context)
+        except ServiceError as error:
+            await _abort(context, error)
+
+    @contextmanager
+    def _admitted(self, key: str) -> Iterator[None]:
+        """Counts a call of ``key`` while it runs; refuses it when the key is at its limit."""
+        running = self._running.get(key, 0)
+        if running >= self._max_concurrent:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Too many concurrent requests for this API key: at most {self._max_concurrent}"
+                " calls and streams may run at once.",
+                reason="TOO_MANY_CONCURRENT_REQUESTS",
+                metadata={"limit": str(self._max_concurrent)},
+            )
+        self._running[key] = running + 1
+        try:
+            yield
+        finally:
+            left = self._running[key] - 1
+            if left:
+                self._running[key] = left
+            else:
+                del self._running[key]
+
+    def running(self, key: str) -> int:
+        """How many calls of ``key`` run now."""
+        return self._running.get(key, 0)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], check: RequestCheck | None = None
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (unary or server-streaming) behind the key check and error mapping;
+        ``check`` runs on each request once its key is accepted."""
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary),  # type: ignore[arg-type]  # aio handlers are async
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, check),  # type: ignore[arg-type]  # aio handlers are async
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, check),  # type: ignore[arg-type]
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         raise TypeError("only unary and server-streaming methods are served")
 
-    def _wrap_unary(self, behavior: _Unary) -> _Unary:
+    async def _admit(self, request: Any, context: Context, check: RequestCheck | None) -> str:
+        """Authenticates the call and checks its request; the call's key."""
+        key, workspace = await self._key_and_workspace(context)
+        _workspace.set(workspace)
+        if request is UNDECODABLE:
+            raise _undecodable()
+        if check is not None:
+            check(request)
+        return key
+
+    def _wrap_unary(self, behavior: _Unary, check: RequestCheck | None) -> _Unary:
         async def unary(request: Any, context: Context) -> Any:
             try:
-                await self._authenticate(context)
-                return await behavior(request, context)
+                key = await self._admit(request, context, check)
+                with self._admitted(key):
+                    return await behavior(request, context)
             except ServiceError as error:
                 await _abort(context, error)
             except Exception:
@@ -132,15 +243,16 @@ class Authenticator:
 
         return unary
 
-    def _wrap_stream(self, behavior: _Stream) -> _Stream:
+    def _wrap_stream(self, behavior: _Stream, check: RequestCheck | None) -> _Stream:
         async def stream(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             try:
-                await self._authenticate(context)
-                # aclosing: when the call ends early, the handler (and the backend under it)
-                # stops now rather than whenever the abandoned generator is collected.
-                async with aclosing(behavior(request, context)) as messages:
-                    async for message in messages:
-                        yield message
+                key = await self._admit(request, context, check)
+                with self._admitted(key):
+                    # aclosing: when the call ends early, the handler (and the backend under it)
+                    # stops now rather than whenever the abandoned generator is collected.
+                    async with aclosing(behavior(request, context)) as messages:
+                        async for message in messages:
+                            yield message
             except ServiceError as error:
                 await _abort(context, error)
             except Exception:
@@ -148,6 +260,73 @@ class Authenticator:
                 await _abort(context, _internal())
 
         return stream
+
+
+def open_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` of a service that needs no key (health, reflection), answering an undecodable
+    request with INVALID_ARGUMENT instead of grpc's UNKNOWN and a logged traceback."""
+    deserializer = _tolerant(handler.request_deserializer)
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _decoded_unary(handler.unary_unary),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _decoded_unary(handler.unary_stream),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _decoded_stream(handler.stream_stream),  # type: ignore[arg-type]
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    raise TypeError("client-streaming methods are not served")
+
+
+def _decoded_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """``behavior`` (a coroutine or async generator function of a request and a context),
+    aborting first when the request could not be decoded."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def messages(request: Any, context: Context) -> AsyncGenerator[Any, None]:
+            if request is UNDECODABLE:
+                await _abort(context, _undecodable())
+                return
+            async with aclosing(behavior(request, context)) as answers:
+                async for answer in answers:
+                    yield answer
+
+        return messages
+
+    async def call(request: Any, context: Context) -> Any:
+        if request is UNDECODABLE:
+            await _abort(context, _undecodable())
+            return None
+        return await behavior(request, context)
+
+    return call
+
+
+def _decoded_stream(behavior: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., Any]:
+    """A bidirectional ``behavior`` whose request stream aborts the call at an undecodable message."""
+
+    async def messages(requests: AsyncIterator[Any], context: Context) -> AsyncGenerator[Any, None]:
+        async def decoded() -> AsyncGenerator[Any, None]:
+            async for request in requests:
+                if request is UNDECODABLE:
+                    await _abort(context, _undecodable())
+                yield request
+
+        async with aclosing(behavior(decoded(), context)) as answers:
+            async for answer in answers:
+                yield answer
+
+    return messages
 
 
 def _internal() -> ServiceError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import OPTIONAL_SETTINGS, Backend
-from server.errors import invalid_argument
+from server.errors import invalid_argument, quoted
 
 DEFAULT_CONFIG = Path("venna.toml")
 _UPSTREAM_KEYS = frozenset(
@@ -82,10 +82,9 @@ class Router:
             model = f"{target}:{options}" if colon else target
         backend = self._backends.get(_base_name(model))
         if backend is None:
+            # Which models exist is the operator's business, not every caller's.
             raise invalid_argument(
-                "model",
-                f"The requested model '{model}' does not exist. Available models: {', '.join(self.models)}.",
-                reason="MODEL_NOT_FOUND",
+                "model", f"The requested model '{quoted(model)}' does not exist.", reason="MODEL_NOT_FOUND"
             )
         return Route(backend, model)
 

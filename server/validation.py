@@ -6,14 +6,18 @@ names the error's ``param``.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import struct_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
-from server.errors import ServiceError
-from venna.responses.v1 import response_pb2, service_pb2
+from server.errors import ServiceError, quoted
+from venna.responses.v1 import options_pb2, response_pb2, service_pb2
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -21,6 +25,48 @@ MAX_METADATA_VALUE = 512
 MIN_MAX_OUTPUT_TOKENS = 16
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
+
+# How deep a JSON value (a google.protobuf.Struct: tool parameters, a response format's schema)
+# may nest, counting the outermost object as 1. protobuf refuses to parse messages nested more
+# than 100 levels, and each JSON object level costs 3 of them (Struct, its map entry, Value):
+# the deepest schema a stream event can still carry is 31 levels, so anything accepted here is
+# readable again wherever it is stored or sent. OpenAI allows 10 levels of schema nesting, about
+# 21 JSON levels. Not configurable: a higher value would let in requests that cannot be read back.
+MAX_JSON_DEPTH = 28
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits of a create request, checked before any other work is done for it."""
+
+    # Items in one request's input: each costs parsing, validation and a stored row, and a
+    # request's work runs on the event loop every other call shares.
+    max_input_items: int = 10_000
+    max_model_chars: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_input_items < 1 or self.max_model_chars < 1:
+            raise ValueError("request limits must be at least 1")
+
+
+def check_limits(request: service_pb2.CreateResponseRequest, limits: Limits) -> None:
+    """Refuses a create request over a size limit, before anything walks its contents."""
+    if len(request.input) > limits.max_input_items:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Invalid 'input': at most {limits.max_input_items} items are allowed in one request,"
+            f" got {len(request.input)}.",
+            reason="TOO_MANY_INPUT_ITEMS",
+            param="input",
+        )
+    if len(request.model) > limits.max_model_chars:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Invalid 'model': at most {limits.max_model_chars} characters are allowed,"
+            f" got {len(request.model)}.",
+            reason="INVALID_VALUE",
+            param="model",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +101,8 @@ def check_include(include: list[str] | tuple[str, ...], violations: list[Violati
         if value not in INCLUDABLE:
             violations.append(
                 Violation(
-                    "include", f"Invalid value '{value}': expected one of {', '.join(sorted(INCLUDABLE))}."
+                    "include",
+                    f"Invalid value '{quoted(value)}': expected one of {', '.join(sorted(INCLUDABLE))}.",
                 )
             )
 
@@ -120,6 +167,8 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
     _check_input(request, add)
     if request.tools or request.HasField("tool_choice"):
         _check_tools(request, add)
+    for path in too_deep_json(request):
+        add(Violation(path, f"Invalid '{path}': nested deeper than {MAX_JSON_DEPTH} levels."))
     raise_if_any(violations)
 
 
@@ -140,14 +189,15 @@ def _check_metadata(request: service_pb2.CreateResponseRequest, add: _Add) -> No
             add(
                 Violation(
                     "metadata",
-                    f"Invalid 'metadata': key '{key[:20]}…' is longer than {MAX_METADATA_KEY} characters.",
+                    f"Invalid 'metadata': key '{quoted(key, 20)}' is longer than {MAX_METADATA_KEY}"
+                    " characters.",
                 )
             )
         if len(value) > MAX_METADATA_VALUE:
             add(
                 Violation(
                     "metadata",
-                    f"Invalid 'metadata': the value of '{key}' is longer than {MAX_METADATA_VALUE}"
+                    f"Invalid 'metadata': the value of '{quoted(key)}' is longer than {MAX_METADATA_VALUE}"
                     " characters.",
                 )
             )
@@ -239,14 +289,15 @@ def _check_tools(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
                 add(
                     Violation(
                         f"tools[{index}].name",
-                        f"Invalid 'tools[{index}].name': '{name}' does not match '^[a-zA-Z0-9_-]{{1,64}}$'.",
+                        f"Invalid 'tools[{index}].name': '{quoted(name)}' does not match"
+                        " '^[a-zA-Z0-9_-]{1,64}$'.",
                     )
                 )
             if name in function_names:
                 add(
                     Violation(
                         f"tools[{index}].name",
-                        f"Invalid 'tools[{index}].name': duplicate function name '{name}'.",
+                        f"Invalid 'tools[{index}].name': duplicate function name '{quoted(name)}'.",
                     )
                 )
             function_names.add(name)
@@ -257,7 +308,8 @@ def _check_tools(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
             add(
                 Violation(
                     "tool_choice",
-                    f"Invalid 'tool_choice': function '{choice.function.name}' is not among the tools.",
+                    f"Invalid 'tool_choice': function '{quoted(choice.function.name)}' is not among"
+                    " the tools.",
                 )
             )
         elif choice_kind == "mode":
@@ -265,3 +317,109 @@ def _check_tools(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
                 add(Violation("tool_choice", "Invalid 'tool_choice': missing mode."))
             if choice.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED and not request.tools:
                 add(Violation("tool_choice", "Invalid 'tool_choice': 'required' needs at least one tool."))
+
+
+# ------------------------------------------------------------------------------ JSON nesting
+
+_JSON_TYPES = frozenset(
+    descriptor.full_name
+    for descriptor in (
+        struct_pb2.Struct.DESCRIPTOR,
+        struct_pb2.Value.DESCRIPTOR,
+        struct_pb2.ListValue.DESCRIPTOR,
+    )
+)
+
+
+def too_deep_json(message: Message) -> list[str]:
+    """The JSON paths of the JSON values (Struct, Value, ListValue) in ``message`` nested deeper
+    than ``MAX_JSON_DEPTH``. The fields that can hold one are found from the descriptors, so a
+    new field is covered; fields that cannot (the input items, today) are never walked."""
+    return [path for path, value in _json_values(message, "") if _deeper_than(value, MAX_JSON_DEPTH)]
+
+
+def _json_values(message: Message, prefix: str) -> Iterator[tuple[str, Message]]:
+    for field in _fields_with_json(message.DESCRIPTOR):
+        path = _join(prefix, field)
+        if field.is_repeated:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                entries = getattr(message, field.name)
+                values = [(f"{path}.{key}", entries[key]) for key in entries]
+            else:
+                values = [
+                    (f"{path}[{index}]", value) for index, value in enumerate(getattr(message, field.name))
+                ]
+        elif message.HasField(field.name):
+            values = [(path, getattr(message, field.name))]
+        else:
+            continue
+        for where, value in values:
+            if value.DESCRIPTOR.full_name in _JSON_TYPES:
+                yield where, value
+            else:
+                yield from _json_values(value, where)
+
+
+def _join(prefix: str, field: FieldDescriptor) -> str:
+    """The JSON path of ``field``: a member of a union tagged by "type" is flattened into its
+    parent in JSON (``tools[0].parameters``, not ``tools[0].function.parameters``)."""
+    union = field.containing_oneof
+    flattened = (
+        union is not None
+        and union.name != f"_{field.name}"  # not the synthetic union of an ``optional`` field
+        and field.message_type is not None
+        and bool(field.message_type.GetOptions().Extensions[options_pb2.json_type])
+    )
+    if flattened:
+        return prefix
+    return f"{prefix}.{field.name}" if prefix else field.name
+
+
+@functools.cache
+def _fields_with_json(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    """The message fields of ``descriptor`` whose values are, or can contain, a JSON value."""
+    return tuple(
+        field
+        for field in descriptor.fields
+        if field.message_type is not None and _holds_json(field.message_type, frozenset())
+    )
+
+
+def _holds_json(descriptor: Descriptor, visiting: frozenset[str]) -> bool:
+    if descriptor.full_name in _JSON_TYPES:
+        return True
+    if descriptor.full_name in visiting:
+        return False  # a cycle without JSON values in it
+    inner = visiting | {descriptor.full_name}
+    return any(
+        field.message_type is not None and _holds_json(field.message_type, inner)
+        for field in descriptor.fields
+    )
+
+
+def _deeper_than(root: Message, limit: int) -> bool:
+    """Whether a Struct, ListValue or Value nests objects and lists more than ``limit`` levels.
+
+    Iterative, and it stops at the first value too deep: a message built in process (not parsed
+    from the wire) can be nested arbitrarily deep."""
+    pending: list[tuple[Message, int]] = []
+    if isinstance(root, struct_pb2.Value):
+        _push_container(root, 0, pending)
+    else:
+        pending.append((root, 1))
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.fields.values() if isinstance(node, struct_pb2.Struct) else node.values  # type: ignore[attr-defined]
+        for child in children:
+            _push_container(child, depth, pending)
+    return False
+
+
+def _push_container(value: struct_pb2.Value, depth: int, pending: list[tuple[Message, int]]) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        pending.append((value.struct_value, depth + 1))
+    elif kind == "list_value":
+        pending.append((value.list_value, depth + 1))

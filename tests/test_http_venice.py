@@ -530,8 +530,8 @@ HTTP_ERROR_CASES = {
         says=("Model overloaded",),
         retry_after="0",
     ),
-    "500": upstream("500", *SERVER, says=("Inference failed",)),
-    "502-x3": upstream("502-x3", *SERVER, says=("Bad Gateway",)),
+    "500": upstream("500", *SERVER, says=("HTTP 500",)),
+    "502-x3": upstream("502-x3", *SERVER, says=("HTTP 502",)),
     "503-x3": upstream("503-x3", *SERVER),
     "504-x3": upstream("504-x3", openai.InternalServerError, 504, "server_error", "server_error"),
     # Our key is bad, not the caller's: a server error, never a 401 or 403, and never retried.

@@ -178,10 +178,17 @@ async def test_settings_an_upstream_does_not_accept_are_refused_before_anything_
     assert fake.requests == []
 
 
-async def test_unknown_model_lists_aliases(gateway: Venna) -> None:
+async def test_unknown_model_is_refused_without_listing_the_routing_table(gateway: Venna) -> None:
     error = await rpc_error(gateway.alpha.create(model="nope", input="hi"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "venna-1" in (error.details() or "") and "small" in (error.details() or "")
+    info = error_info(error)
+    assert (info.reason, info.metadata["param"]) == ("MODEL_NOT_FOUND", "model")
+    assert error.details() == "The requested model 'nope' does not exist."
+    # A long name is quoted only in part.
+    long_name = "nope-" + "x" * 250
+    error = await rpc_error(gateway.alpha.create(model=long_name, input="hi"))
+    assert error_info(error).reason == "MODEL_NOT_FOUND"
+    assert long_name not in (error.details() or "") and len(error.details() or "") < 120
 
 
 # ---------------------------------------------------------------------------------------------

@@ -665,7 +665,7 @@ ERROR_CASES = {
     "503-x3": ErrorCase(
         tuple(error(503, {"error": "Model at capacity"}) for _ in range(3)),
         UNAVAILABLE,
-        says=("Model at capacity",),
+        says=("HTTP 503",),
         attempts=3,
     ),
     "504-x3": ErrorCase(
@@ -690,6 +690,47 @@ async def test_upstream_errors_map_to_statuses(gateway: Venna, fake: FakeVenice,
         assert info.metadata[key] == value
     assert len(fake.requests) == case.attempts
     assert fake.pending == 0
+
+
+UPSTREAM_TRACEBACK = (
+    'Traceback (most recent call last):\n  File "/srv/app/db.py", line 12, in connect\n'
+    "psycopg.OperationalError: connection to postgresql://admin:hunter2@db.internal:5432/venice failed"
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "says"),
+    [
+        (error(500, UPSTREAM_TRACEBACK), UNAVAILABLE, "The upstream model failed (HTTP 500)."),
+        (error(500, {"error": UPSTREAM_TRACEBACK}), UNAVAILABLE, "The upstream model failed (HTTP 500)."),
+        (error(400, UPSTREAM_TRACEBACK), INVALID, "The upstream model refused the request (HTTP 400)."),
+        (error(429, "<html>" + UPSTREAM_TRACEBACK, {"Retry-After": "30"}), EXHAUSTED, "(HTTP 429)"),
+    ],
+    ids=["500-text", "500-json", "400-text", "429-html"],
+)
+async def test_upstream_error_bodies_are_summarized_never_passed_through(
+    gateway: Venna, fake: FakeVenice, reply: Any, code: grpc.StatusCode, says: str
+) -> None:
+    fake.queue(reply)
+
+    caught = await rpc_error(gateway.alpha.create(model=MODEL, input="hi"))
+
+    assert caught.code() == code
+    message = caught.details() or ""
+    assert says in message
+    for secret in ("hunter2", "postgresql://", "Traceback", "db.internal"):
+        assert secret not in message
+
+
+async def test_a_long_upstream_message_about_the_request_is_clipped(gateway: Venna, fake: FakeVenice) -> None:
+    fake.queue(error(400, {"error": {"message": "Input rejected: " + "x" * 5000, "code": "invalid_value"}}))
+
+    caught = await rpc_error(gateway.alpha.create(model=MODEL, input="hi"))
+
+    assert caught.code() == INVALID
+    message = caught.details() or ""
+    assert message.startswith("Input rejected: xxx")
+    assert len(message) <= 300
 
 
 @pytest.mark.parametrize("status", [401, 403])
