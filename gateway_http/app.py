@@ -26,9 +26,9 @@ from google.rpc import error_details_pb2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as Message_
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_KEEPALIVE_SECONDS = 15.0
+# Bodies larger than this are parsed and decoded in a worker thread, off the event loop.
+OFFLOAD_BYTES = 1024 * 1024
+# How much of a client's value an error message may quote.
+_QUOTE_CHARS = 100
 _NO_RETRY = {"x-should-retry": "false"}
 # Request parameters of OpenAI's API that Venna does not implement: null is taken as "not
 # given" (clients echo them back that way), any other value is refused by name.
@@ -178,9 +182,54 @@ class RequestIdMiddleware:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] = {},
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers)
+
+
+class _ClientLeft(Exception):
+    """The client closed its connection before the reply: there is nobody to answer."""
+
+
+def _quote(text: str) -> str:
+    """A client's value as an error message may show it: never more than a short prefix."""
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "…"
+
+
+class FramingGuardMiddleware:
+    """Refuses requests whose body framing is ambiguous, before anything else looks at them.
+
+    A request with both Content-Length and Transfer-Encoding can be read differently by a
+    proxy in front and by this server (request smuggling); it gets a 400 and the connection
+    is closed, since where its body ends is not known.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                response = _error_response(
+                    400,
+                    "A request may not have both Content-Length and Transfer-Encoding headers.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_request_framing",
+                    {"connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ResponsesHttpApp:
@@ -199,22 +248,28 @@ class ResponsesHttpApp:
         self._stopping: set[asyncio.Task[None]] = set()
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
+        self._routes: list[Route] = []
+        for binding in _bindings():
+            for method in (binding.unary, binding.streaming):
+                if method is not None:
+                    # Built now: bodies may be decoded in worker threads, which must find the
+                    # codec's converters ready rather than build them concurrently.
+                    self.codec.prepare(method.input_type)
 
     def build(self) -> Starlette:
-        routes = [
+        self._routes = [
             Route(binding.template, self._endpoint(binding), methods=[binding.verb])
             for binding in _bindings()
         ]
-        routes += [
+        routes = [
+            *self._routes,
             Route("/healthz", self._health, methods=["GET"]),
-            Route(
-                "/v1/{rest:path}", self._not_implemented, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]
-            ),
+            Route("/v1/{rest:path}", self._unrouted, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
         return Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},
-            middleware=[Middleware(RequestIdMiddleware)],
+            middleware=[Middleware(RequestIdMiddleware), Middleware(FramingGuardMiddleware)],
         )
 
     # ------------------------------------------------------------------ endpoints
@@ -225,8 +280,16 @@ class ResponsesHttpApp:
                 response = await self._handle(binding, request)
             except _BadRequest as error:
                 response = _error_response(
-                    error.status, error.message, "invalid_request_error", error.param, error.code
+                    error.status,
+                    error.message,
+                    "invalid_request_error",
+                    error.param,
+                    error.code,
+                    error.headers,
                 )
+            except (_ClientLeft, ClientDisconnect):
+                # Not sent: the connection is gone. A status of our own marks it in any log.
+                response = Response(status_code=499)
             except CodecError as error:
                 response = _error_response(
                     400, error.message, "invalid_request_error", error.param, error.code
@@ -238,37 +301,58 @@ class ResponsesHttpApp:
         return endpoint
 
     async def _handle(self, binding: _Binding, request: Request) -> Response:
+        # Nothing of the body is read before the headers are checked and the key is known good:
+        # a client without a valid key costs one key check, whatever it sends.
         if binding.has_body:
-            fields = await self._json_body(request)
-            stream = fields.pop("stream", None) or False
-            fields.pop("stream_options", None)  # obfuscation padding is not sent, so nothing to switch off
-            for name in _UNSUPPORTED_PARAMETERS.intersection(fields):
-                if fields.pop(name) is not None:
-                    raise _BadRequest(
-                        400,
-                        f"The '{name}' parameter is not supported by Venna.",
-                        name,
-                        "unsupported_parameter",
-                    )
-            if not isinstance(stream, bool):
-                raise _BadRequest(
-                    400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type"
+            _check_content_type(request)
+        metadata = _forwarded_metadata(request)
+        await self.client.check_key(metadata)
+        if binding.has_body:
+            body = await self._read_body(request)
+            if len(body) > OFFLOAD_BYTES:
+                # Parsing and decoding megabytes takes a while: other clients are served meanwhile.
+                method, message = await asyncio.to_thread(
+                    self._decode_body, binding, body, request.path_params
                 )
+            else:
+                method, message = self._decode_body(binding, body, request.path_params)
         else:
             stream = bool(binding.streaming) and _query_bool("stream", request.query_params.get("stream", ""))
-        method = binding.streaming if stream and binding.streaming else binding.unary or binding.streaming
-        assert method is not None
-        if not binding.has_body:
+            method = _pick(binding, stream)
             fields = _query_fields(request, method.input_type)
-        fields.update(request.path_params)
-        message = self.codec.decode(fields, message_class(method.input_type.full_name))
-        metadata = _forwarded_metadata(request)
+            fields.update(request.path_params)
+            message = self.codec.decode(fields, message_class(method.input_type.full_name))
         if method.server_streaming:
             return await self._sse(method, message, metadata)
-        result = await self.client.unary(method, message, metadata)
+        result = await self._unary_while_connected(method, message, metadata, request.receive)
         return Response(orjson.dumps(self.codec.encode(result)), media_type="application/json")
 
-    async def _json_body(self, request: Request) -> dict[str, Any]:
+    def _decode_body(
+        self, binding: _Binding, body: bytes, path_params: Mapping[str, Any]
+    ) -> tuple[MethodDescriptor, Message]:
+        """The RPC a JSON body asks for, and its request message."""
+        fields = _parse_json_object(body)
+        stream = fields.pop("stream", None) or False
+        fields.pop("stream_options", None)  # obfuscation padding is not sent, so nothing to switch off
+        for name in _UNSUPPORTED_PARAMETERS.intersection(fields):
+            if fields.pop(name) is not None:
+                raise _BadRequest(
+                    400,
+                    f"The '{name}' parameter is not supported by Venna.",
+                    name,
+                    "unsupported_parameter",
+                )
+        if not isinstance(stream, bool):
+            raise _BadRequest(400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
+        method = _pick(binding, stream)
+        fields.update(path_params)
+        return method, self.codec.decode(fields, message_class(method.input_type.full_name))
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed the limit.
+
+        How long it may take to arrive is bounded by the connection (see gateway_http.server).
+        """
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _BadRequest(413, f"The request body exceeds {self.max_body_bytes} bytes.")
@@ -277,18 +361,34 @@ class ResponsesHttpApp:
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise _BadRequest(413, f"The request body exceeds {self.max_body_bytes} bytes.")
-        if not body.strip():
-            return {}
+        return bytes(body)
+
+    async def _unary_while_connected(
+        self, method: MethodDescriptor, message: Message, metadata: Metadata, receive: Receive
+    ) -> Message:
+        """The unary call's reply; the call is cancelled if the client leaves before it.
+
+        Cancelling it is what stops the generation (and its upstream request) and stores the
+        response as cancelled, as a gRPC deadline or an SSE disconnect does.
+        """
+        call = asyncio.ensure_future(self.client.unary(method, message, metadata))
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        left = False
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _BadRequest(
-                400,
-                "We could not parse the JSON body of your request. The body must be valid JSON.",
-            ) from None
-        if not isinstance(data, dict):
-            raise _BadRequest(400, "The JSON body of your request must be an object.")
-        return data
+            await asyncio.wait((call, watcher), return_when=asyncio.FIRST_COMPLETED)
+            left = watcher.done() and watcher.exception() is None
+            if not left:
+                await asyncio.wait((call,))  # the connection cannot be watched: the call goes on
+        finally:
+            watcher.cancel()
+            if not call.done():
+                call.cancel()
+                # The call settles the response as it unwinds: let it, even when this task is
+                # itself being cancelled.
+                await asyncio.wait((call,))
+        if left and call.cancelled():
+            raise _ClientLeft
+        return call.result()
 
     async def _sse(self, method: MethodDescriptor, message: Message, metadata: Metadata) -> Response:
         """An SSE response, or a JSON error if the stream fails before its first event."""
@@ -399,10 +499,29 @@ class ResponsesHttpApp:
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def _not_implemented(self, request: Request) -> Response:
+    async def _unrouted(self, request: Request) -> Response:
+        """405 for a known path asked with another method; 501 for any other path under /v1."""
+        allowed = sorted(
+            {
+                verb
+                for route in self._routes
+                if route.matches(request.scope)[0] is Match.PARTIAL
+                for verb in route.methods or ()
+            }
+        )
+        if allowed:
+            return _error_response(
+                405,
+                f"Method {request.method} is not allowed on {_quote(request.url.path)}; "
+                f"allowed: {', '.join(allowed)}.",
+                "invalid_request_error",
+                None,
+                "method_not_allowed",
+                {"allow": ", ".join(allowed), **_NO_RETRY},
+            )
         return _error_response(
             501,
-            f"Endpoint '{request.method} {request.url.path}' is not implemented yet on Venna gateway",
+            f"Endpoint '{request.method} {_quote(request.url.path)}' is not implemented yet on Venna gateway",
             "not_implemented",
             None,
             "not_implemented",
@@ -413,9 +532,11 @@ class ResponsesHttpApp:
         assert isinstance(error, HTTPException)
         message = {
             404: "Not found.",
-            405: f"Method {request.method} is not allowed on {request.url.path}.",
+            405: f"Method {request.method} is not allowed on {_quote(request.url.path)}.",
         }.get(error.status_code, str(error.detail))
-        return _error_response(error.status_code, message, "invalid_request_error", None, None, _NO_RETRY)
+        code = "method_not_allowed" if error.status_code == 405 else None
+        headers = {**(error.headers or {}), **_NO_RETRY}
+        return _error_response(error.status_code, message, "invalid_request_error", None, code, headers)
 
 
 def _query_fields(request: Request, message: Descriptor) -> dict[str, Any]:
@@ -458,8 +579,81 @@ def _query_value(field: FieldDescriptor, key: str, value: str) -> Any:
     return value
 
 
+def _pick(binding: _Binding, stream: bool) -> MethodDescriptor:
+    """The RPC of a route: the streaming one when asked for and there is one."""
+    method = binding.streaming if stream and binding.streaming else binding.unary or binding.streaming
+    assert method is not None
+    return method
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; any body that is not one is a 400, however it fails.
+
+    orjson refuses nesting deeper than 1024 levels with the same error as any invalid JSON,
+    where the standard library would raise RecursionError.
+    """
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        data = _parse_surrogate_escapes(body, error)
+    if not isinstance(data, dict):
+        raise _BadRequest(400, "The JSON body of your request must be an object.")
+    return data
+
+
+def _parse_surrogate_escapes(body: bytes, error: orjson.JSONDecodeError) -> Any:
+    """Valid JSON may escape a lone UTF-16 surrogate ("\\ud800"), which orjson refuses.
+
+    Such a body is read by the standard library instead, so that the codec names the field
+    that holds text no proto string can carry.
+    """
+    unparsable = _BadRequest(
+        400, "We could not parse the JSON body of your request. The body must be valid JSON."
+    )
+    if "surrogate" not in str(error):
+        raise unparsable from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise unparsable from None
+
+
+def _check_content_type(request: Request) -> None:
+    """A body must be JSON; one without a Content-Type is taken as JSON, as curl users expect."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise _BadRequest(
+        415,
+        f"Unsupported Content-Type '{_quote(content_type)}': the request body must be 'application/json'.",
+        None,
+        "unsupported_media_type",
+    )
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has closed its connection (the rest of any body is ignored)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _forwarded_metadata(request: Request) -> Metadata:
-    authorization = request.headers.get("authorization")
+    authorizations = request.headers.getlist("authorization")
+    if len(authorizations) > 1:
+        raise _BadRequest(
+            400,
+            "The request has more than one Authorization header; send exactly one.",
+            None,
+            "invalid_authorization_header",
+        )
+    authorization = authorizations[0] if authorizations else ""
     if not authorization:
         return ()
     # gRPC metadata values are printable ASCII; no valid key is anything else.

@@ -8,10 +8,14 @@ details — so the shim cannot tell them apart:
 * ``ChannelClient`` dials a gRPC target, for a shim in front of a remote fleet.
 
 Methods are found from the service descriptor, so there is no second table of RPCs here.
+Both check a key on its own (``check_key``), so that the shim refuses a request without a
+valid key before it reads the request's body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,11 +62,64 @@ def method_path(method: MethodDescriptor) -> str:
 
 
 class ServiceClient(Protocol):
+    async def check_key(self, metadata: Metadata) -> None:
+        """Returns if the call's key is valid; raises CallError (UNAUTHENTICATED) as a call would.
+
+        The shim asks before it reads a request's body, so that nobody without a key makes it
+        read, parse or decode anything.
+        """
+        ...
+
     async def unary(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Message: ...
 
     def stream(
         self, method: MethodDescriptor, request: Message, metadata: Metadata
     ) -> AsyncGenerator[Message, None]: ...
+
+
+# A cheap call that needs a key: its answer tells a valid key (NOT_FOUND, INVALID_ARGUMENT)
+# from an invalid one (UNAUTHENTICATED), without touching anything of the caller's.
+_PROBE_METHOD = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].methods_by_name["GetResponse"]
+_PROBE_ACCEPTED = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})
+KEY_PROBE_CACHE_SECONDS = 5.0
+_KEY_PROBE_CACHE_ENTRIES = 10_000
+_KEY_PROBE_TIMEOUT_SECONDS = 10.0
+
+Unary = Callable[[MethodDescriptor, Message, Metadata], Awaitable[Message]]
+
+
+class KeyProbe:
+    """Checks a key with a probe call, remembering accepted keys for a few seconds.
+
+    Only acceptances are cached (a new key works at once, a revoked one stops within the cache
+    time); the cache is bounded, the oldest entry making room.
+    """
+
+    def __init__(self, unary: Unary, cache_seconds: float = KEY_PROBE_CACHE_SECONDS) -> None:
+        self._unary = unary
+        self._cache_seconds = cache_seconds
+        self._accepted: dict[str, float] = {}
+
+    async def check(self, metadata: Metadata) -> None:
+        authorization = next((value for key, value in metadata if key == "authorization"), None)
+        if authorization is not None and self._accepted.get(authorization, 0.0) > time.monotonic():
+            return
+        try:
+            async with asyncio.timeout(_KEY_PROBE_TIMEOUT_SECONDS):
+                await self._unary(_PROBE_METHOD, service_pb2.GetResponseRequest(response_id=""), metadata)
+        except CallError as error:
+            if error.code not in _PROBE_ACCEPTED:
+                raise
+        except TimeoutError:
+            raise CallError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "The API key could not be checked in time."
+            ) from None
+        if authorization is None or self._cache_seconds <= 0:
+            return
+        self._accepted.pop(authorization, None)
+        if len(self._accepted) >= _KEY_PROBE_CACHE_ENTRIES:
+            del self._accepted[next(iter(self._accepted))]  # the oldest
+        self._accepted[authorization] = time.monotonic() + self._cache_seconds
 
 
 def _status_from_trailers(trailing_metadata: Any) -> status_pb2.Status | None:
@@ -105,11 +162,25 @@ class _Context:
         return None
 
 
+# Authenticates a call's context (an object like ``_Context``: ``invocation_metadata()`` and
+# ``abort()``) the way the server's handlers do, aborting it when the key is not valid, which
+# in process raises CallError. Any: the server types it with grpc's ServicerContext.
+KeyCheck = Callable[[Any], Awaitable[None]]
+
+
 class InProcessClient:
     """Calls the service's handlers directly; cancelling the caller cancels the handler."""
 
-    def __init__(self, lookup: HandlerLookup) -> None:
+    def __init__(self, lookup: HandlerLookup, check_key: KeyCheck | None = None) -> None:
         self._lookup = lookup
+        self._check_key = check_key
+        self._probe = KeyProbe(self.unary)
+
+    async def check_key(self, metadata: Metadata) -> None:
+        if self._check_key is None:
+            await self._probe.check(metadata)
+        else:
+            await self._check_key(_Context(metadata))
 
     async def _handler(self, method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await self._lookup(method_path(method))
@@ -149,8 +220,9 @@ def open_channel(target: str) -> grpc.aio.Channel:
 class ChannelClient:
     """Calls a (possibly remote) gRPC server over one shared channel."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, key_cache_seconds: float = KEY_PROBE_CACHE_SECONDS) -> None:
         self._channel = channel
+        self._probe = KeyProbe(self.unary, key_cache_seconds)
         self._unary: dict[str, Any] = {}
         self._streams: dict[str, Any] = {}
         for method in (method for service in SERVICES for method in service.methods):
@@ -164,6 +236,9 @@ class ChannelClient:
                 self._unary[path] = channel.unary_unary(
                     path, request_serializer=_serialize, response_deserializer=output.FromString
                 )
+
+    async def check_key(self, metadata: Metadata) -> None:
+        await self._probe.check(metadata)
 
     async def unary(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Message:
         try:

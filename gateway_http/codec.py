@@ -26,6 +26,12 @@ Decoder = Callable[[Message, Any, str], None]  # (target, JSON value, path of th
 
 _STRUCT = struct_pb2.Struct.DESCRIPTOR.full_name
 _TYPE = FieldDescriptor
+# The deepest nesting of objects and arrays a request may have. Generous for any real request
+# (the service sets the tighter limits of each field); it keeps every conversion here, and
+# protobuf's own, far from Python's recursion limit.
+MAX_JSON_DEPTH = 64
+# How much of a client's value (or key) an error message quotes.
+_QUOTE_CHARS = 100
 
 
 class CodecError(ValueError):
@@ -92,8 +98,55 @@ def _type_name(value: object) -> str:
     return "an object"
 
 
+def _quote(text: str) -> str:
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "…"
+
+
 def _join(path: str, key: str) -> str:
+    key = _quote(key)
     return f"{path}.{key}" if path else key
+
+
+# A value's place in the document while checking depth: (parent's place, key or index).
+_Trail = tuple["_Trail", str | int] | None
+
+
+def _trail_path(trail: _Trail, root: str) -> str:
+    keys: list[str | int] = []
+    while trail is not None:
+        trail, key = trail
+        keys.append(key)
+    path = root
+    for key in reversed(keys):
+        path = f"{path}[{key}]" if isinstance(key, int) else _join(path, key)
+    return path
+
+
+def check_depth(data: Any, path: str = "", limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuses JSON nested deeper than ``limit`` objects and arrays, naming where.
+
+    Walks the value with a stack of its own, so no depth of input can exhaust Python's.
+    """
+    pending: list[tuple[Any, int, _Trail]] = [(data, 1, None)]
+    while pending:
+        value, depth, trail = pending.pop()
+        children: Any
+        if isinstance(value, dict):
+            children = value.items()
+        elif isinstance(value, list):
+            children = enumerate(value)
+        else:
+            continue
+        if depth > limit:
+            where = _quote(_trail_path(trail, path) or "body")
+            raise CodecError(
+                where,
+                f"Invalid value for '{where}': JSON may be nested at most {limit} levels deep.",
+                "invalid_value",
+            )
+        for key, child in children:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1, (trail, key)))
 
 
 def _invalid_type(path: str, expected: str, value: object) -> CodecError:
@@ -188,8 +241,14 @@ class Codec:
 
     # ------------------------------------------------------------------ decoding
 
+    def prepare(self, descriptor: Descriptor) -> None:
+        """Builds the converters of a message type (and of all it contains) ahead of use."""
+        self._decoder(descriptor)
+        self._encoder(descriptor)
+
     def decode(self, data: Any, message_class: type[M], path: str = "") -> M:
         """Builds a request message from JSON; raises CodecError naming the offending field."""
+        check_depth(data, path)
         message = message_class()
         self._decoder(cast(Descriptor, message_class.DESCRIPTOR))(message, data, path)
         return message
@@ -270,7 +329,9 @@ class Codec:
                         where, f"Missing required parameter: '{where}'.", "missing_required_parameter"
                     )
                 raise CodecError(
-                    where, f"Invalid value: '{tag}'. Supported values are: {expected}.", "invalid_value"
+                    where,
+                    f"Invalid value: '{_quote(str(tag))}'. Supported values are: {expected}.",
+                    "invalid_value",
                 )
             member_decoders[member.name](getattr(target, member.name), data, path)
 
@@ -331,7 +392,7 @@ class Codec:
             container = getattr(target, name)
             for key, value in data.items():
                 _check_unicode(key, path)
-                container[key] = convert_value(value, f"{path}.{key}")
+                container[key] = convert_value(value, _join(path, key))
 
         return decode_map
 
@@ -419,7 +480,9 @@ def _scalar_converter(field: FieldDescriptor) -> Callable[[Any, str], Any]:
             number = numbers.get(value)
             if number is None:
                 raise CodecError(
-                    path, f"Invalid value: '{value}'. Supported values are: {supported}.", "invalid_value"
+                    path,
+                    f"Invalid value: '{_quote(value)}'. Supported values are: {supported}.",
+                    "invalid_value",
                 )
             return number
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway_http.app import create_app
 from gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
-from gateway_http.server import HttpServer
+from gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
 from server.app import ServerConfig, VennaServer
 from server.routing import Router
 from tests.loop_thread import LoopThread, Shutdown
@@ -26,7 +26,9 @@ class HttpVenna(LoopThread):
     transport: str = "in_process"
     keepalive_seconds: float = 15.0
     max_body_bytes: int | None = None
+    limits: ConnectionLimits = DEFAULT_LIMITS
     base_url: str = ""
+    http_port: int = 0
     grpc_address: str = ""
     keys: dict[str, str] = field(default_factory=dict)
     # The backends to serve; None: the default routing table (echo, and Venice from VENICE_*).
@@ -55,15 +57,18 @@ class HttpVenna(LoopThread):
             channel = open_channel(server.address)
             client = ChannelClient(channel)
         else:
-            client = InProcessClient(server.handler)
+            client = InProcessClient(server.handler, check_key=server.authenticator.verify)
         options: dict[str, object] = {"keepalive_seconds": self.keepalive_seconds}
         if self.max_body_bytes is not None:
             options["max_body_bytes"] = self.max_body_bytes
-        http = HttpServer(create_app(client, **options), "127.0.0.1:0", shutdown_grace=1.0)
+        http = HttpServer(
+            create_app(client, **options), "127.0.0.1:0", shutdown_grace=1.0, limits=self.limits
+        )
         await http.start()
         for workspace in ("alpha", "beta"):
             self.keys[workspace], _ = await server.db.call(server.db.store.create_key, workspace)
         self.base_url = f"http://127.0.0.1:{http.port}/v1"
+        self.http_port = http.port
         self.grpc_address = server.address
 
         async def shutdown() -> None:

@@ -595,13 +595,32 @@ def test_body_over_four_mib_is_not_rate_limited(http_venna: HttpVenna) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("POST", "/chat/completions"), ("GET", "/models"), ("PUT", "/responses")]
+    ("method", "path"), [("POST", "/chat/completions"), ("GET", "/models"), ("PUT", "/nothing/here")]
 )
 def test_unknown_endpoint_is_501(http: httpx.Client, method: str, path: str) -> None:
     response = http.request(method, path, json={})
     err = error(response, 501)
     assert err["code"] == "not_implemented"
     assert response.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/responses", "POST"),
+        ("GET", "/responses", "POST"),
+        ("PATCH", "/responses/resp_x", "DELETE, GET, HEAD"),
+        ("GET", "/responses/resp_x/cancel", "POST"),
+    ],
+)
+def test_known_path_with_another_method_is_405(
+    http: httpx.Client, method: str, path: str, allowed: str
+) -> None:
+    """A path the API has, asked with a method it does not take: 405 naming the ones it does."""
+    response = http.request(method, path, json={})
+    err = error(response, 405)
+    assert (err["type"], err["code"]) == ("invalid_request_error", "method_not_allowed")
+    assert response.headers["allow"] == allowed
 
 
 @pytest.mark.parametrize(
