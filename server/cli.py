@@ -16,15 +16,16 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from backends.store import Store, UsageTotal, sum_usage
 from gateway_http.app import create_app
 from gateway_http.client import ChannelClient, InProcessClient, open_channel
-from gateway_http.server import HttpServer
+from gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
 from server.app import ServerConfig, VennaServer, wait_for_signal
+from server.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,26 @@ DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    """A logging level by name, any case; checked here because an environment default skips
+    argparse's ``choices``."""
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_LOG_LEVELS)}, got '{text}'")
+    return text.upper()
+
+
+def add_log_level(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=_env("VENNA_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env VENNA_LOG_LEVEL; default INFO)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -71,27 +92,28 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve_command.add_argument(
         "--shutdown-grace",
-        type=float,
-        default=float(_env("VENNA_SHUTDOWN_GRACE", str(DEFAULTS.shutdown_grace))),
+        type=_number(float, "VENNA_SHUTDOWN_GRACE"),
+        default=_env("VENNA_SHUTDOWN_GRACE", str(DEFAULTS.shutdown_grace)),
         metavar="SECONDS",
         help="time in-flight work gets to finish on SIGTERM/SIGINT (env VENNA_SHUTDOWN_GRACE)",
     )
     serve_command.add_argument(
         "--background-concurrency",
-        type=int,
-        default=int(_env("VENNA_BACKGROUND_CONCURRENCY", str(DEFAULTS.background_concurrency))),
+        type=_number(int, "VENNA_BACKGROUND_CONCURRENCY"),
+        default=_env("VENNA_BACKGROUND_CONCURRENCY", str(DEFAULTS.background_concurrency)),
         metavar="N",
         help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
     )
     serve_command.add_argument(
         "--key-cache-seconds",
-        type=float,
-        default=float(_env("VENNA_KEY_CACHE_SECONDS", str(DEFAULTS.key_cache_seconds))),
+        type=_number(float, "VENNA_KEY_CACHE_SECONDS"),
+        default=_env("VENNA_KEY_CACHE_SECONDS", str(DEFAULTS.key_cache_seconds)),
         metavar="SECONDS",
         help="how long an accepted key is trusted without a lookup; bounds how long a revoked key "
         "keeps working (env VENNA_KEY_CACHE_SECONDS)",
     )
-    serve_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
+    add_limits(serve_command, (*_LIMIT_FLAGS, *_HTTP_LIMIT_FLAGS))
+    add_log_level(serve_command)
 
     http_command = commands.add_parser("http", help="run only the HTTP shim, in front of a gRPC target")
     http_command.add_argument(
@@ -106,7 +128,16 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"HTTP address (env VENNA_HTTP_LISTEN; default {DEFAULT_HTTP_LISTEN})",
     )
-    http_command.add_argument("--log-level", default=_env("VENNA_LOG_LEVEL", "INFO"))
+    http_command.add_argument(
+        "--max-request-bytes",
+        type=_number(int, "VENNA_MAX_REQUEST_BYTES"),
+        default=_env("VENNA_MAX_REQUEST_BYTES", str(DEFAULTS.max_request_bytes)),
+        metavar="N",
+        help="largest request body accepted, in bytes (env VENNA_MAX_REQUEST_BYTES; "
+        f"default {DEFAULTS.max_request_bytes})",
+    )
+    add_limits(http_command, _HTTP_LIMIT_FLAGS)
+    add_log_level(http_command)
 
     keys = commands.add_parser("keys", help="manage workspace API keys").add_subparsers(
         dest="keys_command", required=True
@@ -142,6 +173,155 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_REQUEST_LIMITS = frozenset(limit.name for limit in dataclasses.fields(Limits))
+_HTTP_LIMITS = frozenset(limit.name for limit in dataclasses.fields(ConnectionLimits))
+
+
+def _number(kind: type[int] | type[float], env: str) -> Callable[[str], int | float]:
+    """An argparse type for a number that may come from ``env``: a bad value is a usage error
+    naming the variable, not a traceback in every subcommand."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}' (flag or {env})") from None
+
+    return parse
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LimitFlag:
+    """A limit: a field of ServerConfig, of its request Limits or of the shim's
+    ConnectionLimits, also read from the environment (--grpc-max-connections from
+    VENNA_GRPC_MAX_CONNECTIONS)."""
+
+    flag: str
+    field: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "VENNA_" + self.flag.removeprefix("--").replace("-", "_").upper()
+
+    @property
+    def default(self) -> int | float:
+        if self.field in _HTTP_LIMITS:
+            holder: object = DEFAULT_LIMITS
+        elif self.field in _REQUEST_LIMITS:
+            holder = DEFAULTS.limits
+        else:
+            holder = DEFAULTS
+        value = getattr(holder, self.field)
+        assert isinstance(value, int | float)
+        return value
+
+
+_LIMIT_FLAGS = (
+    _LimitFlag(
+        "--max-request-bytes", "max_request_bytes", "largest request message or body accepted, in bytes"
+    ),
+    _LimitFlag("--max-input-items", "max_input_items", "input items in one create request"),
+    _LimitFlag("--max-model-chars", "max_model_chars", "characters in a model name"),
+    _LimitFlag("--max-chain-depth", "max_chain_depth", "responses that may precede a new one in its chain"),
+    _LimitFlag(
+        "--max-background-per-workspace",
+        "max_background_per_workspace",
+        "background responses one workspace may have queued or running",
+    ),
+    _LimitFlag(
+        "--max-concurrent-per-key", "max_concurrent_per_key", "calls and streams one key runs at once"
+    ),
+    _LimitFlag("--grpc-max-concurrent-rpcs", "max_concurrent_rpcs", "gRPC calls and streams run at once"),
+    _LimitFlag("--grpc-max-connections", "max_connections", "gRPC connections open at once"),
+    _LimitFlag(
+        "--grpc-max-streams-per-connection", "max_streams_per_connection", "streams at once on one connection"
+    ),
+    _LimitFlag("--grpc-handshake-timeout", "handshake_timeout", "seconds a new connection gets to handshake"),
+    _LimitFlag(
+        "--grpc-max-connection-idle",
+        "max_connection_idle",
+        "seconds without a call before a connection closes",
+    ),
+    _LimitFlag(
+        "--grpc-max-connection-age", "max_connection_age", "seconds before a connection is asked to go away"
+    ),
+    _LimitFlag(
+        "--grpc-max-connection-age-grace", "max_connection_age_grace", "seconds its calls then get to finish"
+    ),
+    _LimitFlag("--grpc-keepalive-time", "keepalive_time", "seconds of quiet before a connection is pinged"),
+    _LimitFlag(
+        "--grpc-keepalive-timeout", "keepalive_timeout", "seconds a ping may go unanswered before closing"
+    ),
+)
+
+# The shim's connection limits, for ``venna serve`` and ``venna http`` alike.
+_HTTP_LIMIT_FLAGS = (
+    _LimitFlag(
+        "--http-header-timeout", "header_timeout", "seconds a client gets to send a request's headers"
+    ),
+    _LimitFlag("--http-body-timeout", "body_timeout", "seconds a client gets to send a request's body"),
+    _LimitFlag(
+        "--http-keep-alive-timeout",
+        "keep_alive_timeout",
+        "seconds an idle keep-alive connection is kept open",
+    ),
+    _LimitFlag("--http-max-connections", "max_connections", "HTTP connections open at once"),
+    _LimitFlag("--http-max-header-bytes", "max_header_bytes", "largest request head accepted, in bytes"),
+)
+
+
+def add_limits(command: argparse.ArgumentParser, flags: Sequence[_LimitFlag]) -> None:
+    for limit in flags:
+        kind = type(limit.default)
+        command.add_argument(
+            limit.flag,
+            type=_number(kind, limit.env),
+            dest=("http_" if limit in _HTTP_LIMIT_FLAGS else "") + limit.field,
+            # A string default goes through ``type`` like a flag's value: a bad environment
+            # variable is reported as a usage error of this command only.
+            default=_env(limit.env, str(limit.default)),
+            metavar="SECONDS" if kind is float else "N",
+            help=f"{limit.help} (env {limit.env}; default {limit.default})",
+        )
+
+
+def _limit_settings(options: argparse.Namespace) -> dict[str, object]:
+    """ServerConfig's keyword arguments for the limit flags."""
+    settings: dict[str, object] = {
+        limit.field: getattr(options, limit.field)
+        for limit in _LIMIT_FLAGS
+        if limit.field not in _REQUEST_LIMITS
+    }
+    settings["limits"] = Limits(**{name: getattr(options, name) for name in _REQUEST_LIMITS})
+    return settings
+
+
+def _http_limits(options: argparse.Namespace) -> ConnectionLimits:
+    """The shim's connection limits from the --http-* flags; ValueError names a bad one."""
+    limits = ConnectionLimits(
+        **{limit.field: getattr(options, "http_" + limit.field) for limit in _HTTP_LIMIT_FLAGS}
+    )
+    for limit in _HTTP_LIMIT_FLAGS:
+        if getattr(limits, limit.field) <= 0:
+            raise ValueError(f"{limit.flag} must be positive, got {getattr(limits, limit.field)}")
+    return limits
+
+
+def _serve_config(options: argparse.Namespace) -> ServerConfig:
+    """The server's settings from ``venna serve``'s flags; ValueError names a bad one."""
+    return ServerConfig(
+        grpc_listen=options.grpc_listen,
+        db_path=Path(options.db),
+        shutdown_grace=options.shutdown_grace,
+        background_concurrency=options.background_concurrency,
+        routing_config=options.config,
+        key_cache_seconds=options.key_cache_seconds,
+        **_limit_settings(options),  # type: ignore[arg-type]  # each flag's type is its field's
+    )
+
+
 def _time_bound(value: str) -> int:
     """Unix seconds from unix seconds or an ISO date (-time), UTC unless it names a zone."""
     if value.isdigit():
@@ -155,13 +335,23 @@ def _time_bound(value: str) -> int:
     return int(moment.timestamp())
 
 
-async def serve(config: ServerConfig, http_listen: str | None) -> None:
+async def serve(
+    config: ServerConfig, http_listen: str | None, http_limits: ConnectionLimits = DEFAULT_LIMITS
+) -> None:
     """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down gracefully."""
     server = VennaServer(config)
     await server.start()
     http = None
     if http_listen:
-        http = HttpServer(create_app(InProcessClient(server.handler)), http_listen, config.shutdown_grace)
+        http = HttpServer(
+            create_app(
+                InProcessClient(server.handler, check_key=server.authenticator.verify),
+                max_body_bytes=config.max_request_bytes,
+            ),
+            http_listen,
+            config.shutdown_grace,
+            http_limits,
+        )
         try:
             await http.start()
         except OSError:
@@ -176,10 +366,18 @@ async def serve(config: ServerConfig, http_listen: str | None) -> None:
     server.close()
 
 
-async def serve_http(grpc_target: str, http_listen: str) -> None:
+async def serve_http(
+    grpc_target: str,
+    http_listen: str,
+    *,
+    max_body_bytes: int = DEFAULTS.max_request_bytes,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
+) -> None:
     """The shim alone, calling a Venna gRPC service over a channel."""
     channel = open_channel(grpc_target)
-    http = HttpServer(create_app(ChannelClient(channel)), http_listen)
+    http = HttpServer(
+        create_app(ChannelClient(channel), max_body_bytes=max_body_bytes), http_listen, limits=limits
+    )
     await http.start()
     _freeze_startup_objects()
     print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)
@@ -267,22 +465,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if options.command == "http":
         try:
-            asyncio.run(serve_http(options.grpc_target, options.http_listen))
+            asyncio.run(
+                serve_http(
+                    options.grpc_target,
+                    options.http_listen,
+                    max_body_bytes=options.max_request_bytes,
+                    limits=_http_limits(options),
+                )
+            )
         except (OSError, ValueError) as error:
             print(f"venna: {error}", file=sys.stderr)
             return 1
         return 0
     if options.command == "serve":
-        config = ServerConfig(
-            grpc_listen=options.grpc_listen,
-            db_path=Path(options.db),
-            shutdown_grace=options.shutdown_grace,
-            background_concurrency=options.background_concurrency,
-            routing_config=options.config,
-            key_cache_seconds=options.key_cache_seconds,
-        )
         try:
-            asyncio.run(serve(config, None if options.no_http else options.http_listen))
+            asyncio.run(
+                serve(
+                    _serve_config(options),
+                    None if options.no_http else options.http_listen,
+                    _http_limits(options),
+                )
+            )
         except (OSError, ValueError) as error:
             print(f"venna: {error}", file=sys.stderr)
             return 1

@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.conftest import Client, Venna, async_stub, event_type, output_text
+from tests.conftest import Client, Venna, async_stub, event_type, output_text, user_message
 from venna.responses.v1 import response_pb2, service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +198,46 @@ def test_serve_runs_grpc_and_http_and_the_shim_runs_alone(tmp_path: Path) -> Non
             assert shim.wait(timeout=10) == 0
 
 
+async def test_serve_limit_flags_and_the_shims_key_check_take_effect(tmp_path: Path) -> None:
+    import httpx
+
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    argv = ("serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--db", str(db))
+    with running(*argv, "--max-input-items", "2", "--max-concurrent-per-key", "1") as (_, line):
+        match = re.search(r"gRPC on (\S+), HTTP on (\S+),", line)
+        assert match, line
+        grpc_address, base_url = match.groups()
+        async with client_for(grpc_address, key) as client:
+            three = [user_message(word) for word in ("one", "two", "three")]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.create(input=three)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 2 items" in (caught.value.details() or "")
+            # One stream runs: a second call of the same key, over HTTP, is turned away.
+            held = client.stub.StreamResponse(
+                service_pb2.CreateResponseRequest(
+                    model="echo:delay_ms=200", input=[user_message(" ".join(["word"] * 30))]
+                ),
+                metadata=client.metadata,
+            )
+            await held.read()
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                busy = await http.post(
+                    "/responses",
+                    json={"model": "echo", "input": "hi"},
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                assert busy.status_code == 429, busy.text
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+                # No key and a broken body: the key is checked first, by the server's own authenticator.
+                anonymous = await http.post(
+                    "/responses", content=b"{not json", headers={"content-type": "application/json"}
+                )
+                assert anonymous.status_code == 401, anonymous.text
+            held.cancel()
+
+
 async def test_health_and_reflection(venna: Venna) -> None:
     health = health_pb2_grpc.HealthStub(venna.channel)
     for service in ("", "venna.responses.v1.ResponsesService"):
@@ -261,3 +301,56 @@ def test_serve_reports_an_address_it_cannot_bind(tmp_path: Path, argv: list[str]
     )
     assert result.returncode == 1
     assert "256.0.0.1:1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("environment", "argv", "complaint"),
+    [
+        ({"VENNA_SHUTDOWN_GRACE": "abc"}, ["serve"], "VENNA_SHUTDOWN_GRACE"),
+        ({"VENNA_GRPC_MAX_CONNECTIONS": "many"}, ["serve"], "VENNA_GRPC_MAX_CONNECTIONS"),
+        ({"VENNA_HTTP_BODY_TIMEOUT": "soon"}, ["http"], "VENNA_HTTP_BODY_TIMEOUT"),
+        ({}, ["serve", "--log-level", "loud"], "expected one of DEBUG"),
+        ({"VENNA_LOG_LEVEL": "loud"}, ["http"], "expected one of DEBUG"),
+        ({}, ["serve", "--http-max-connections", "0"], "--http-max-connections must be positive"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_complaint_not_a_traceback(
+    tmp_path: Path, environment: dict[str, str], argv: list[str], complaint: str
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            *argv,
+            "--grpc-listen" if argv[0] == "serve" else "--grpc-target",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]
+        + (["--db", str(tmp_path / "venna.db")] if argv[0] == "serve" else []),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **environment},
+    )
+    assert result.returncode != 0
+    assert complaint in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_serve_setting_in_the_environment_does_not_break_other_commands(tmp_path: Path) -> None:
+    """`venna keys list` has nothing to do with the server's settings."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "keys", "list", "--db", str(tmp_path / "venna.db")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "VENNA_SHUTDOWN_GRACE": "abc", "VENNA_LOG_LEVEL": "loud"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WORKSPACE" in result.stdout
