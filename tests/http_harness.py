@@ -80,12 +80,16 @@ class HttpVenna(LoopThread):
         return shutdown
 
 
-@pytest.fixture(params=TRANSPORTS)
-def http_venna(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HttpVenna]:
-    """Venna over HTTP, once with the shim calling the service in process, once over a channel."""
-    venna = HttpVenna(tmp_path / "venna.db", transport=request.param)
+def running(venna: HttpVenna) -> Iterator[HttpVenna]:
+    """Starts ``venna`` for a fixture to yield from, and stops it when the fixture ends."""
     venna.start()
     try:
         yield venna
     finally:
         venna.stop()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def http_venna(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HttpVenna]:
+    """Venna over HTTP, once with the shim calling the service in process, once over a channel."""
+    yield from running(HttpVenna(tmp_path / "venna.db", transport=request.param))

@@ -26,6 +26,7 @@ from server.app import VennaServer
 from server.builder import ResponseBuilder, new_id
 from tests.conftest import Venna, error_info, event_type, make_request, output_text, serving, start_config
 from tests.http_harness import HttpVenna
+from tests.test_background import wait_for_status
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 
 SLOW = "echo:delay_ms=40"
@@ -84,18 +85,6 @@ async def workspace_of(venna: Venna, key: str) -> str:
     workspace_id = await venna.server.db.call(venna.server.db.store.authenticate, key)
     assert workspace_id is not None
     return workspace_id
-
-
-async def wait_for_status(
-    venna: Venna, response_id: str, *statuses: int, timeout: float = 10.0
-) -> response_pb2.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = await venna.alpha.get(response_id)
-        if response.status in statuses:
-            return response
-        assert time.monotonic() < deadline, f"still {response.status} after {timeout}s"
-        await asyncio.sleep(0.02)
 
 
 def slow_final_writes(server: VennaServer, seconds: float) -> list[tuple[str, float]]:

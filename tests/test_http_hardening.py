@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from gateway_http.server import ConnectionLimits
-from tests.http_harness import TRANSPORTS, HttpVenna
+from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.test_http_wire import client_for, error, words
 
 # Short enough for a fast test, long enough that a loaded machine answers a live client in time.
@@ -29,27 +29,19 @@ SOON = 3.0
 PATIENCE = 5.0
 
 
-def _start(venna: HttpVenna) -> Iterator[HttpVenna]:
-    venna.start()
-    try:
-        yield venna
-    finally:
-        venna.stop()
-
-
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def http_venna(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HttpVenna]:
     """Venna over HTTP on both transports, shared by the tests of the module."""
-    yield from _start(HttpVenna(tmp_path_factory.mktemp("venna") / "venna.db", transport=str(request.param)))
+    yield from running(HttpVenna(tmp_path_factory.mktemp("venna") / "venna.db", transport=str(request.param)))
 
 
 @pytest.fixture(scope="module")
 def strict_venna(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpVenna]:
     """A Venna whose connections have short read deadlines and keep-alive."""
     limits = ConnectionLimits(header_timeout=SHORT, body_timeout=SHORT, keep_alive_timeout=SHORT)
-    yield from _start(HttpVenna(tmp_path_factory.mktemp("strict") / "venna.db", limits=limits))
+    yield from running(HttpVenna(tmp_path_factory.mktemp("strict") / "venna.db", limits=limits))
 
 
 # --------------------------------------------------------------------------- raw HTTP

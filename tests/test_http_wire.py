@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http_harness import TRANSPORTS, HttpVenna
+from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.openai_schema import validate, validate_event
 from tests.streams import MESSAGE_EVENTS, TERMINAL_EVENTS
 
@@ -24,14 +24,6 @@ WEATHER_TOOL = {
     "name": "get_weather",
     "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
 }
-
-
-def _start(venna: HttpVenna) -> Iterator[HttpVenna]:
-    venna.start()
-    try:
-        yield venna
-    finally:
-        venna.stop()
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
@@ -43,7 +35,7 @@ def http_venna(
     Overrides the harness's per-test fixture to keep the suite fast; every test makes its own
     responses, so sharing the server does not couple them.
     """
-    yield from _start(HttpVenna(tmp_path_factory.mktemp("venna") / "venna.db", transport=str(request.param)))
+    yield from running(HttpVenna(tmp_path_factory.mktemp("venna") / "venna.db", transport=str(request.param)))
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
@@ -57,7 +49,7 @@ def tuned_venna(
         keepalive_seconds=0.2,
         max_body_bytes=1000,
     )
-    yield from _start(venna)
+    yield from running(venna)
 
 
 def client_for(venna: HttpVenna, key: str | None) -> httpx.Client:
