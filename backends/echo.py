@@ -21,7 +21,7 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from backends.base import (
+from venna.backends.base import (
     OPTIONAL_SETTINGS,
     BackendError,
     BackendEvent,

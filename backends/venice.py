@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from google.protobuf import json_format
 
-from backends import base
+from venna.backends import base
 from venna.responses.v1 import response_pb2, service_pb2
 
 MODEL_PREFIX = "venice/"

@@ -32,8 +32,8 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as Message_
 
-from gateway_http.client import SERVICES, CallError, Metadata, ServiceClient, message_class
-from gateway_http.codec import Codec, CodecError
+from venna.gateway_http.client import SERVICES, CallError, Metadata, ServiceClient, message_class
+from venna.gateway_http.codec import Codec, CodecError
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ import grpc
 import grpc.aio
 import httpx
 
-from backends.store import Store
+from venna.backends.store import Store
 from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ class Bench:
         routing table ``config``, if given)."""
         name = self._next("venna")
         db = self.scratch / f"{name}.db"
-        command = [sys.executable, "-m", "server.cli"]
+        command = [sys.executable, "-m", "venna.cli"]
         key = subprocess.run(
             [*command, "keys", "create", "--workspace", "bench", "--db", str(db)],
             cwd=ROOT,

@@ -251,7 +251,7 @@ def venna_serving(scratch: Path, upstream_url: str) -> Iterator[Venna]:
     env.update(VENICE_BASE_URL=upstream_url, VENICE_API_KEY=UPSTREAM_KEY, NO_PROXY="127.0.0.1,localhost")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     db = scratch / "bench.db"
-    command = [sys.executable, "-m", "server.cli"]
+    command = [sys.executable, "-m", "venna.cli"]
     created = subprocess.run(
         [*command, "keys", "create", "--workspace", "bench", "--db", str(db)],
         cwd=scratch,

@@ -69,7 +69,7 @@ class Server:
 
 
 def venna(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *args]
+    return [sys.executable, "-m", "venna.cli", *args]
 
 
 def create_key(db: Path, workspace: str) -> str:

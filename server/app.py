@@ -15,18 +15,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from backends.store import AsyncStore, Store
-from server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
-from server.routing import Router, default_router
-from server.runner import BackgroundRunner
-from server.service import (
+from venna.backends.store import AsyncStore, Store
+from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
+from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
+from venna.server.routing import Router, default_router
+from venna.server.runner import BackgroundRunner
+from venna.server.service import (
     DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
     DEFAULT_MAX_CHAIN_DEPTH,
     ResponsesService,
 )
-from server.usage import UsageService
-from server.validation import Limits, check_limits
-from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
+from venna.server.usage import UsageService
+from venna.server.validation import Limits, check_limits
 
 log = logging.getLogger(__name__)
 

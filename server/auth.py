@@ -24,8 +24,8 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
-from backends.store import AsyncStore
-from server.errors import ServiceError
+from venna.backends.store import AsyncStore
+from venna.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from backends import base
+from venna.backends import base
 from venna.responses.v1 import events_pb2, response_pb2
 
 Event = events_pb2.ResponseStreamEvent

@@ -13,7 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from backends.base import BackendError, ErrorKind
+from venna.backends.base import BackendError, ErrorKind
 
 DOMAIN = "venna.dev"
 # How much of a client's value an error message quotes.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from backends import base
-from server.builder import Event, ResponseBuilder
+from venna.backends import base
+from venna.server.builder import Event, ResponseBuilder
 
 
 class Execution:

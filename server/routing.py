@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.base import OPTIONAL_SETTINGS, Backend
-from server.errors import invalid_argument, quoted
+from venna.backends.base import OPTIONAL_SETTINGS, Backend
+from venna.server.errors import invalid_argument, quoted
 
 DEFAULT_CONFIG = Path("venna.toml")
 _UPSTREAM_KEYS = frozenset(
@@ -101,8 +101,8 @@ def default_router(config: Path | None = None, environ: Mapping[str, str] | None
     ``config`` defaults to ``./venna.toml`` when that file exists; a named file must exist.
     Backends are imported here so that a deployment pays only for what it routes.
     """
-    from backends.echo import MODEL_NAMES, EchoBackend
-    from backends.venice import DEFAULT_BASE_URL, VeniceBackend
+    from venna.backends.echo import MODEL_NAMES, EchoBackend
+    from venna.backends.venice import DEFAULT_BASE_URL, VeniceBackend
 
     environ = os.environ if environ is None else environ
     table: dict[str, Any] = {}

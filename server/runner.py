@@ -33,12 +33,12 @@ import dataclasses
 import logging
 from collections.abc import AsyncGenerator
 
-from backends import base
-from backends.store import UNREADABLE_MESSAGE, AsyncStore, PendingResponse, UnreadableRecord, event_rows
-from server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
-from server.execution import Execution
-from server.routing import Router
+from venna.backends import base
+from venna.backends.store import UNREADABLE_MESSAGE, AsyncStore, PendingResponse, UnreadableRecord, event_rows
 from venna.responses.v1 import response_pb2, service_pb2
+from venna.server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
+from venna.server.execution import Execution
+from venna.server.routing import Router
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from backends import base
-from backends.store import (
+from venna.backends import base
+from venna.backends.store import (
     AsyncStore,
     ChainTooDeep,
     UnreadableRecord,
@@ -21,8 +21,9 @@ from backends.store import (
     unreadable_response,
     usage_rows,
 )
-from server import auth, errors
-from server.builder import (
+from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
+from venna.server import auth, errors
+from venna.server.builder import (
     ENCRYPTED_REASONING,
     Event,
     ResponseBuilder,
@@ -30,11 +31,10 @@ from server.builder import (
     terminal_event,
     without_encrypted_reasoning,
 )
-from server.execution import Execution
-from server.routing import Router
-from server.runner import BackgroundRunner, LiveResponse
-from server.validation import Violation, check_include, raise_if_any, validate_create
-from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
+from venna.server.execution import Execution
+from venna.server.routing import Router
+from venna.server.runner import BackgroundRunner, LiveResponse
+from venna.server.validation import Violation, check_include, raise_if_any, validate_create
 
 log = logging.getLogger(__name__)
 

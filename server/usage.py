@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from backends.store import AsyncStore, UsageTotal, sum_usage
-from server import auth
-from server.validation import Violation, raise_if_any
+from venna.backends.store import AsyncStore, UsageTotal, sum_usage
 from venna.responses.v1 import usage_pb2, usage_pb2_grpc
+from venna.server import auth
+from venna.server.validation import Violation, raise_if_any
 
 
 class UsageService(usage_pb2_grpc.UsageServiceServicer):

@@ -16,8 +16,8 @@ from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from server.errors import ServiceError, quoted
 from venna.responses.v1 import options_pb2, response_pb2, service_pb2
+from venna.server.errors import ServiceError, quoted
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64

@@ -14,9 +14,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server.app import ServerConfig, VennaServer
-from server.routing import Router
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
+from venna.server.app import ServerConfig, VennaServer
+from venna.server.routing import Router
 
 pytest_plugins = ["tests.http_harness", "tests.fake_venice"]
 

@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway_http.server import HttpServer
 from tests.loop_thread import LoopThread, Shutdown
+from venna.gateway_http.server import HttpServer
 
 RESPONSES_PATH = "/api/v1/responses"
 DEFAULT_MODEL = "zai-org-glm-5-1"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway_http.app import create_app
-from gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
-from gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
-from server.app import ServerConfig, VennaServer
-from server.routing import Router
 from tests.loop_thread import LoopThread, Shutdown
+from venna.gateway_http.app import create_app
+from venna.gateway_http.client import ChannelClient, InProcessClient, ServiceClient, open_channel
+from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
+from venna.server.app import ServerConfig, VennaServer
+from venna.server.routing import Router
 
 TRANSPORTS = ("in_process", "channel")
 

@@ -30,8 +30,8 @@ import grpc.aio
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.builder import new_id
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
+from venna.server.builder import new_id
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_LINE = re.compile(r"gRPC on (\S+), HTTP on (http://\S+)/v1,")
@@ -54,7 +54,7 @@ def status_name(status: int) -> str:
 def create_key(db: Path, workspace: str) -> str:
     """A new key from `venna keys create`, as an operator makes one."""
     created = subprocess.run(
-        [sys.executable, "-m", "server.cli", "keys", "create", "--workspace", workspace, "--db", str(db)],
+        [sys.executable, "-m", "venna.cli", "keys", "create", "--workspace", workspace, "--db", str(db)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -114,7 +114,7 @@ def spawn_serve(db: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "venna.cli",
                 "serve",
                 "--db",
                 str(db),

@@ -12,9 +12,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server.app import ServerConfig, VennaServer
 from tests.conftest import Client, Venna, serving, user_message
 from venna.responses.v1 import response_pb2, service_pb2
+from venna.server.app import ServerConfig, VennaServer
 
 
 def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:

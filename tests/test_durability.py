@@ -21,13 +21,13 @@ import httpx
 import pytest
 from google.protobuf import struct_pb2
 
-from backends.store import UNREADABLE_MESSAGE, Store, new_response_rows
-from server.app import VennaServer
-from server.builder import ResponseBuilder, new_id
 from tests.conftest import Venna, error_info, event_type, make_request, output_text, serving, start_config
 from tests.http_harness import HttpVenna
 from tests.test_background import wait_for_status
+from venna.backends.store import UNREADABLE_MESSAGE, Store, new_response_rows
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
+from venna.server.app import VennaServer
+from venna.server.builder import ResponseBuilder, new_id
 
 SLOW = "echo:delay_ms=40"
 TEN_WORDS = "one two three four five six seven eight nine ten"
@@ -243,7 +243,7 @@ async def test_unreadable_rows_fail_alone_and_never_stop_a_start(
             "UPDATE events SET body = ? WHERE response_id = ? AND sequence_number = 5", [GARBAGE, streamed.id]
         )
 
-    caplog.set_level(logging.WARNING, logger="server.runner")
+    caplog.set_level(logging.WARNING, logger="venna.server.runner")
     async with serving(db_path) as venna:  # the same workspace gets a new key
         for name in ("garbage", "deep"):
             await assert_reads_as_failed(venna, ids[name])
@@ -255,7 +255,7 @@ async def test_unreadable_rows_fail_alone_and_never_stop_a_start(
             [warning] = [
                 record
                 for record in caplog.records
-                if record.name == "server.runner" and ids[name] in record.getMessage()
+                if record.name == "venna.server.runner" and ids[name] in record.getMessage()
             ]
             assert warning.levelno == logging.WARNING and warning.exc_info is None
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from backends.base import (
+from venna.backends.base import (
     BackendError,
     BackendEvent,
     ErrorKind,
@@ -21,7 +21,7 @@ from backends.base import (
     TextDelta,
     UsageReport,
 )
-from backends.echo import MODEL_NAMES, EchoBackend
+from venna.backends.echo import MODEL_NAMES, EchoBackend
 from venna.responses.v1 import response_pb2, service_pb2
 
 REQUIRED = response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_REQUIRED)

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.echo import MODEL_NAMES, EchoBackend
-from server.routing import Router
 from tests.fuzzing import GrpcProbe, HttpProbe, Known, grpc_cases, http_cases, iter_failures, make_known
 from tests.http_harness import HttpVenna
+from venna.backends.echo import MODEL_NAMES, EchoBackend
+from venna.server.routing import Router
 
 # Hypothesis notes the size of the strategies' descriptions; that is not a finding.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")

@@ -23,15 +23,15 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gateway_http.app import create_app
-from gateway_http.client import InProcessClient
-from gateway_http.server import HttpServer
-from server import cli
-from server.app import ServerConfig, VennaServer
-from server.auth import Context
-from server.validation import MAX_JSON_DEPTH, Limits
 from tests.conftest import Client, Venna, error_info, event_type, make_request, serving, user_message
+from venna.cli import commands as cli
+from venna.gateway_http.app import create_app
+from venna.gateway_http.client import InProcessClient
+from venna.gateway_http.server import HttpServer
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.server.app import ServerConfig, VennaServer
+from venna.server.auth import Context
+from venna.server.validation import MAX_JSON_DEPTH, Limits
 
 CREATE = "/venna.responses.v1.ResponsesService/CreateResponse"
 STREAM = "/venna.responses.v1.ResponsesService/StreamResponse"
@@ -576,7 +576,7 @@ def test_a_limit_that_is_not_positive_stops_serve_with_a_message(tmp_path: Path)
         ("--grpc-keepalive-time", "-1", "venna: keepalive_time must be positive"),
     ):
         done = subprocess.run(
-            [sys.executable, "-m", "server.cli", "serve", flag, value, "--db", str(tmp_path / "venna.db")],
+            [sys.executable, "-m", "venna.cli", "serve", flag, value, "--db", str(tmp_path / "venna.db")],
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,

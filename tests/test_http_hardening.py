@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway_http.server import ConnectionLimits
 from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.test_http_wire import client_for, error, words
+from venna.gateway_http.server import ConnectionLimits
 
 # Short enough for a fast test, long enough that a loaded machine answers a live client in time.
 SHORT = 0.5

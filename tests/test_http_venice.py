@@ -32,8 +32,6 @@ from openai.types.responses import (
     ResponseStreamEvent,
 )
 
-from backends.venice import VeniceBackend
-from server.routing import Router
 from tests import test_http_sdk as sdk_checks
 from tests import test_http_wire as wire
 from tests.fake_venice import (
@@ -63,6 +61,8 @@ from tests.test_venice_backend import (
     system,
     user,
 )
+from venna.backends.venice import VeniceBackend
+from venna.server.routing import Router
 
 MODEL = f"venice/{UPSTREAM_MODEL}"
 # Served by a second VeniceBackend with a short read time-out, for stalled upstreams.

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def venna_command(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--db", str(db)],
+        [sys.executable, "-m", "venna.cli", *args, "--db", str(db)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -61,7 +61,7 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
 def running(*argv: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A `venna` command that serves; yields the process and its start-up line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", *argv],
+        [sys.executable, "-m", "venna.cli", *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -292,7 +292,7 @@ def test_every_rpc_has_an_http_route() -> None:
 @pytest.mark.parametrize("argv", [["serve", "--grpc-listen", "256.0.0.1:1"]])
 def test_serve_reports_an_address_it_cannot_bind(tmp_path: Path, argv: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv, "--db", str(tmp_path / "x.db")],
+        [sys.executable, "-m", "venna.cli", *argv, "--db", str(tmp_path / "x.db")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -321,7 +321,7 @@ def test_a_bad_setting_is_a_one_line_complaint_not_a_traceback(
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "venna.cli",
             *argv,
             "--grpc-listen" if argv[0] == "serve" else "--grpc-target",
             "127.0.0.1:0",
@@ -344,7 +344,7 @@ def test_a_bad_setting_is_a_one_line_complaint_not_a_traceback(
 def test_a_bad_serve_setting_in_the_environment_does_not_break_other_commands(tmp_path: Path) -> None:
     """`venna keys list` has nothing to do with the server's settings."""
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "keys", "list", "--db", str(tmp_path / "venna.db")],
+        [sys.executable, "-m", "venna.cli", "keys", "list", "--db", str(tmp_path / "venna.db")],
         cwd=ROOT,
         capture_output=True,
         text=True,

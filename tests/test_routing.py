@@ -13,11 +13,11 @@ import grpc
 import grpc.aio
 import pytest
 
-from server import cli
-from server.routing import ConfigError, default_router
 from tests.conftest import Venna, error_info, output_text, serving
 from tests.fake_venice import FakeVenice, Frame, StreamReply, function_call_stream, text_stream
+from venna.cli import commands as cli
 from venna.responses.v1 import response_pb2, service_pb2
+from venna.server.routing import ConfigError, default_router
 
 UPSTREAM_KEY = "routing-upstream-key"
 ENVIRON = {"VENICE_API_KEY": UPSTREAM_KEY, "LOCAL_KEY": "local-upstream-key"}

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from backends.store import AsyncStore, NewRows, Store, new_response_rows
-from server.builder import new_id
+from venna.backends.store import AsyncStore, NewRows, Store, new_response_rows
 from venna.responses.v1 import response_pb2
+from venna.server.builder import new_id
 
 
 def _insert_then_fail(store: Store, name: str) -> None:

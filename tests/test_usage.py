@@ -17,11 +17,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlite_utils import Database
 
-from backends.store import Store, migrations, new_response_rows
-from backends.store import usage_rows as new_usage_rows
-from server import cli
 from tests.conftest import Client, Venna, error_info, make_request, serving
 from tests.test_background import wait_for_status
+from venna.backends.store import Store, migrations, new_response_rows
+from venna.backends.store import usage_rows as new_usage_rows
+from venna.cli import commands as cli
 from venna.responses.v1 import events_pb2, response_pb2, usage_pb2, usage_pb2_grpc
 
 TEN_WORDS = "one two three four five six seven eight nine ten"

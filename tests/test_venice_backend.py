@@ -21,9 +21,6 @@ import grpc
 import grpc.aio
 import pytest
 
-from backends.echo import EchoBackend
-from backends.venice import VeniceBackend
-from server.routing import Router
 from tests.conftest import Client, Venna, error_info, event_type, make_request, output_text, serving
 from tests.fake_venice import (
     RAYLEIGH_CITATION,
@@ -44,7 +41,10 @@ from tests.fake_venice import (
     venice_stream,
 )
 from tests.streams import MESSAGE_EVENTS
+from venna.backends.echo import EchoBackend
+from venna.backends.venice import VeniceBackend
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.server.routing import Router
 
 UPSTREAM_KEY = "test-upstream-key"
 UPSTREAM_MODEL = "zai-org-glm-5-1"

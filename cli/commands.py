@@ -20,12 +20,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backends.store import Store, UsageTotal, sum_usage
-from gateway_http.app import create_app
-from gateway_http.client import ChannelClient, InProcessClient, open_channel
-from gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
-from server.app import ServerConfig, VennaServer, wait_for_signal
-from server.validation import Limits
+import venna
+from venna.backends.store import Store, UsageTotal, sum_usage
+from venna.gateway_http.app import create_app
+from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
+from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
+from venna.server.app import ServerConfig, VennaServer, wait_for_signal
+from venna.server.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def add_log_level(command: argparse.ArgumentParser) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="venna", description="Venna: a stateful Responses API gateway.")
+    parser.add_argument("--version", action="version", version=f"venna {venna.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_db(command: argparse.ArgumentParser) -> None:
