@@ -15,6 +15,8 @@ import gc
 import json
 import logging
 import os
+import socket
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -24,7 +26,7 @@ import venna
 from venna.backends.store import Store, UsageTotal, sum_usage
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
-from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer
+from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
 from venna.server.app import ServerConfig, VennaServer, wait_for_signal
 from venna.server.validation import Limits
 
@@ -337,12 +339,61 @@ def _time_bound(value: str) -> int:
     return int(moment.timestamp())
 
 
+def _os_error(error: OSError) -> str:
+    """``error`` as one line: the file it is about and why, without errno's decoration."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return error.strerror or str(error)
+
+
+class SettingError(Exception):
+    """A setting the command cannot start with: reported in one line, exit status 2."""
+
+
+def check_listen(flag: str, address: str) -> None:
+    """Raises SettingError unless ``address`` is HOST:PORT that this process could listen on
+    now: checked before anything starts, so that a taken port is one line, not a half-started
+    server."""
+    try:
+        host, port = split_address(address)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except ValueError as error:
+        raise SettingError(f"{flag} {address}: {error}") from None
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise SettingError(f"{flag} {address}: cannot resolve the host ({reason})") from None
+    family, kind, protocol, _, socket_address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        # As the servers do: a port whose last connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(socket_address)
+        except OSError as error:
+            raise SettingError(f"{flag} {address}: cannot listen ({error.strerror or error})") from None
+
+
 async def serve(
     config: ServerConfig, http_listen: str | None, http_limits: ConnectionLimits = DEFAULT_LIMITS
 ) -> None:
-    """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down gracefully."""
-    server = VennaServer(config)
-    await server.start()
+    """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down
+    gracefully. Whatever stops it from starting (a taken port, a database it cannot open, a bad
+    routing table) is a SettingError."""
+    check_listen("--grpc-listen", config.grpc_listen)
+    if http_listen:
+        check_listen("--http-listen", http_listen)
+    try:
+        server = VennaServer(config)
+    except sqlite3.Error as error:
+        raise SettingError(f"--db {config.db_path}: {error}") from None
+    except OSError as error:
+        raise SettingError(_os_error(error)) from None
+    except ValueError as error:
+        raise SettingError(str(error)) from None
+    try:
+        await server.start()
+    except (OSError, ValueError, sqlite3.Error) as error:
+        await server.stop(0)
+        raise SettingError(str(error)) from None
     http = None
     if http_listen:
         http = HttpServer(
@@ -356,9 +407,9 @@ async def serve(
         )
         try:
             await http.start()
-        except OSError:
+        except OSError as error:
             await server.stop(0)
-            raise
+            raise SettingError(f"--http-listen {error}") from None
     where = f", HTTP on http://{http.address}/v1" if http else ""
     _freeze_startup_objects()
     print(f"venna: gRPC on {server.address}{where}, database {config.db_path}", flush=True)
@@ -376,11 +427,16 @@ async def serve_http(
     limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     """The shim alone, calling a Venna gRPC service over a channel."""
+    check_listen("--http-listen", http_listen)
     channel = open_channel(grpc_target)
     http = HttpServer(
         create_app(ChannelClient(channel), max_body_bytes=max_body_bytes), http_listen, limits=limits
     )
-    await http.start()
+    try:
+        await http.start()
+    except OSError as error:
+        await channel.close(grace=None)
+        raise SettingError(f"--http-listen {error}") from None
     _freeze_startup_objects()
     print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)
     try:
@@ -465,35 +521,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-    if options.command == "http":
+    if options.command in ("serve", "http"):
         try:
-            asyncio.run(
-                serve_http(
-                    options.grpc_target,
-                    options.http_listen,
-                    max_body_bytes=options.max_request_bytes,
-                    limits=_http_limits(options),
+            if options.command == "http":
+                limits = _http_limits(options)
+                asyncio.run(
+                    serve_http(
+                        options.grpc_target,
+                        options.http_listen,
+                        max_body_bytes=options.max_request_bytes,
+                        limits=limits,
+                    )
                 )
-            )
-        except (OSError, ValueError) as error:
+            else:
+                config, limits = _serve_config(options), _http_limits(options)
+                asyncio.run(serve(config, None if options.no_http else options.http_listen, limits))
+        except (SettingError, ValueError) as error:
+            # A setting it cannot start with: one line, the status of a usage error.
             print(f"venna: {error}", file=sys.stderr)
-            return 1
-        return 0
-    if options.command == "serve":
-        try:
-            asyncio.run(
-                serve(
-                    _serve_config(options),
-                    None if options.no_http else options.http_listen,
-                    _http_limits(options),
-                )
-            )
-        except (OSError, ValueError) as error:
+            return 2
+        except OSError as error:
             print(f"venna: {error}", file=sys.stderr)
             return 1
         return 0
 
-    store = Store(options.db)
+    try:
+        store = Store(options.db)
+    except (OSError, sqlite3.Error) as error:
+        reason = _os_error(error) if isinstance(error, OSError) else str(error)
+        print(f"venna: --db {options.db}: {reason}", file=sys.stderr)
+        return 2
     try:
         if options.command == "usage":
             return usage_report(store, options)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -251,23 +252,51 @@ class HttpServer:
             timeout_graceful_shutdown=int(shutdown_grace) or None,
             h11_max_incomplete_event_size=limits.max_header_bytes,
         )
+        self._backlog = config.backlog
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
         self.host = host
         self.port = port
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve())
+        """Listens, then serves; OSError (never uvicorn's SystemExit, which would escape the
+        event loop) when the address cannot be listened on."""
+        listening = self._listen()
+        self.port = listening.getsockname()[1]
+        self._task = asyncio.create_task(self._serve(listening))
         while not self._server.started:
             if self._task.done():
-                # uvicorn logs the reason and exits; turn that into an error of ours.
-                with contextlib.suppress(SystemExit):
-                    self._task.result()
-                raise OSError(f"cannot listen on {self.host}:{self.port}")
+                self._task.result()
+                raise OSError(f"{self.host}:{self.port}: the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
-        sockets = [sock for server in self._server.servers for sock in server.sockets]
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+
+    def _listen(self) -> socket.socket:
+        """The listening socket, bound here rather than by uvicorn, which exits the process
+        when it cannot bind."""
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except (OSError, UnicodeError) as error:
+            raise OSError(f"{self.host}:{self.port}: cannot resolve the host ({error})") from None
+        listening = socket.socket(family, kind, protocol)
+        try:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind(address)
+            listening.listen(self._backlog)
+        except OSError as error:
+            listening.close()
+            raise OSError(f"{self.host}:{self.port}: cannot listen ({error.strerror or error})") from None
+        listening.setblocking(False)
+        return listening
+
+    async def _serve(self, listening: socket.socket) -> None:
+        try:
+            await self._server.serve(sockets=[listening])
+        except SystemExit:
+            raise OSError(f"{self.host}:{self.port}: the HTTP server could not start") from None
+        finally:
+            listening.close()
 
     @property
     def address(self) -> str:

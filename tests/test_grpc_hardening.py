@@ -583,5 +583,5 @@ def test_a_limit_that_is_not_positive_stops_serve_with_a_message(tmp_path: Path)
             timeout=30,
             check=False,
         )
-        assert done.returncode == 1
+        assert done.returncode == 2
         assert message in done.stderr and "Traceback" not in done.stderr

@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -289,18 +290,66 @@ def test_every_rpc_has_an_http_route() -> None:
     assert routes["ListInputItems"] == ("GET", "/v1/responses/{response_id}/input_items")
 
 
-@pytest.mark.parametrize("argv", [["serve", "--grpc-listen", "256.0.0.1:1"]])
-def test_serve_reports_an_address_it_cannot_bind(tmp_path: Path, argv: list[str]) -> None:
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another socket is listening on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["serve", "--grpc-listen", "256.0.0.1:1"], "--grpc-listen 256.0.0.1:1: cannot resolve the host"),
+        (["serve", "--grpc-listen", "127.0.0.1:TAKEN"], "--grpc-listen 127.0.0.1:TAKEN: cannot listen"),
+        (["serve", "--http-listen", "127.0.0.1:TAKEN"], "--http-listen 127.0.0.1:TAKEN: cannot listen"),
+        (["http", "--http-listen", "127.0.0.1:TAKEN"], "--http-listen 127.0.0.1:TAKEN: cannot listen"),
+        (["serve", "--http-listen", "nowhere"], "--http-listen nowhere: expected HOST:PORT"),
+        (["serve", "--db", "/proc/no/such/dir/venna.db"], "/proc/no"),
+        (["keys", "list", "--db", "/proc/no/such/dir/venna.db"], "--db /proc/no/such/dir/venna.db"),
+        (["usage", "--db", "NOT_A_DATABASE"], "file is not a database"),
+        (["serve", "--config", "NOT_TOML"], "Expected '='"),
+    ],
+)
+def test_a_setting_it_cannot_start_with_is_one_line_and_status_2(
+    tmp_path: Path, taken_port: int, argv: list[str], complaint: str
+) -> None:
+    """Taken ports, unusable databases and broken config files: one line naming the setting,
+    exit status 2, nothing started (the gRPC server is not left running while HTTP fails)."""
+    not_a_database = tmp_path / "not.db"
+    not_a_database.write_bytes(b"this is not SQLite" * 100)
+    not_toml = tmp_path / "venna.toml"
+    not_toml.write_text("this is [ not toml")
+
+    def fill(text: str) -> str:
+        return (
+            text.replace("TAKEN", str(taken_port))
+            .replace("NOT_A_DATABASE", str(not_a_database))
+            .replace("NOT_TOML", str(not_toml))
+        )
+
+    argv, complaint = [fill(part) for part in argv], fill(complaint)
+    defaults: list[str] = []
+    if argv[0] == "serve":
+        defaults += [] if "--grpc-listen" in argv else ["--grpc-listen", "127.0.0.1:0"]
+        defaults += [] if "--http-listen" in argv else ["--http-listen", "127.0.0.1:0"]
+        defaults += [] if "--db" in argv else ["--db", str(tmp_path / "venna.db")]
+    if argv[0] == "http":
+        defaults += ["--grpc-target", "127.0.0.1:1"]
     result = subprocess.run(
-        [sys.executable, "-m", "venna.cli", *argv, "--db", str(tmp_path / "x.db")],
+        [sys.executable, "-m", "venna.cli", *argv, *defaults],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert result.returncode == 1
-    assert "256.0.0.1:1" in result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("venna: ") and complaint in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

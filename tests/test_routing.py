@@ -350,5 +350,5 @@ def test_serve_refuses_a_bad_table(tmp_path: Path, capsys: pytest.CaptureFixture
             "--no-http",
         ]
     )
-    assert status == 1
+    assert status == 2
     assert "alias 'fast' names 'nowhere/model'" in capsys.readouterr().err
