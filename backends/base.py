@@ -9,26 +9,57 @@ every backend gets the same ordering guarantees for free and cannot get them wro
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from venna.responses.v1 import response_pb2, service_pb2
+from venna.responses.v1 import response_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSettings:
+    """How to generate, as the caller asked; None (or empty) where the caller set nothing.
+
+    ``requested`` names the optional settings (OPTIONAL_SETTINGS) the caller set, so that a
+    backend refuses what it cannot honour instead of ignoring it silently.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    prompt_cache_key: str | None = None
+    # "minimal", "low", "medium", "high" / "auto", "concise", "detailed"
+    reasoning_effort: str | None = None
+    reasoning_summary: str | None = None
+    tools: tuple[response_pb2.Tool, ...] = ()
+    tool_choice: response_pb2.ToolChoice | None = None
+    # The output format ("text", "json_schema", "json_object"), with its schema where it has one.
+    text_format: response_pb2.TextFormat | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+    # Settings of one vendor's API, passed on by the backends that speak it (``venice_parameters``).
+    vendor: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    requested: frozenset[str] = frozenset()
+
+    @property
+    def text_format_kind(self) -> str | None:
+        return self.text_format.WhichOneof("format") if self.text_format is not None else None
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """Everything a backend needs for one response.
+    """Everything a backend needs for one response, independent of the wire.
 
     ``context`` is the full conversation the model must see: the rebuilt history of
     ``previous_response_id`` followed by the new input, with item references resolved.
-    ``instructions`` belong to this response only. Generation settings (temperature, tools,
-    tool_choice, max_output_tokens, …) are read from ``request``.
+    ``instructions`` belong to this response only.
     """
 
     model: str
     context: Sequence[response_pb2.Item]
-    request: service_pb2.CreateResponseRequest
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
     instructions: str | None = None
 
 
@@ -218,16 +249,12 @@ OPTIONAL_SETTINGS = frozenset(
 def refuse_unaccepted(request: GenerationRequest, accepted: frozenset[str]) -> None:
     """Raises INVALID_REQUEST (``unsupported_parameter``) for the first setting (by name) not
     accepted."""
-    refused = [
-        field.name
-        for field, _ in request.request.ListFields()
-        if field.name in OPTIONAL_SETTINGS and field.name not in accepted
-    ]
+    refused = request.settings.requested - accepted
     if refused:
         name = min(refused)
         raise BackendError(
             ErrorKind.INVALID_REQUEST,
-            f"Unsupported parameter: '{name}' is not supported with the model '{request.request.model}'.",
+            f"Unsupported parameter: '{name}' is not supported with the model '{request.model}'.",
             code="unsupported_parameter",
             param=name,
         )

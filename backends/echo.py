@@ -29,12 +29,13 @@ from venna.backends.base import (
     FunctionCallArgumentsDelta,
     FunctionCallStart,
     GenerationRequest,
+    GenerationSettings,
     Incomplete,
     TextDelta,
     UsageReport,
     refuse_unaccepted,
 )
-from venna.responses.v1 import response_pb2, service_pb2
+from venna.responses.v1 import response_pb2
 
 MODEL_NAMES = ("echo", "venna-1")
 # Sampling settings are accepted and trivially honoured (the answer is deterministic), ``stop``
@@ -70,12 +71,12 @@ class EchoBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
         plan = _plan(request)
-        settings = request.request
+        settings = request.settings
         answer = _answer(request.context)
         if plan.function is None:
             answer = _until_stop(answer, settings.stop)
         words = answer.split()
-        cut = settings.HasField("max_output_tokens") and len(words) > settings.max_output_tokens
+        cut = settings.max_output_tokens is not None and len(words) > settings.max_output_tokens
         if cut:
             words = words[: settings.max_output_tokens]
             answer = " ".join(words)
@@ -115,7 +116,7 @@ class EchoBackend:
 def _plan(request: GenerationRequest) -> _Plan:
     """Parses the model options and the forced function; raises INVALID_REQUEST if they are bad."""
     delay_ms, fail_after = _options(request.model)
-    return _Plan(delay_ms, fail_after, _forced_function(request.request))
+    return _Plan(delay_ms, fail_after, _forced_function(request.settings))
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,12 +141,12 @@ def _options(model: str) -> tuple[int, int | None]:
     return options.get("delay_ms", 0), options.get("fail_after")
 
 
-def _forced_function(request: service_pb2.CreateResponseRequest) -> str | None:
+def _forced_function(settings: GenerationSettings) -> str | None:
     """The function that tool_choice makes the model call, if any."""
-    if not request.HasField("tool_choice"):
+    choice = settings.tool_choice
+    if choice is None:
         return None
-    functions = [tool.function.name for tool in request.tools if tool.WhichOneof("tool") == "function"]
-    choice = request.tool_choice
+    functions = [tool.function.name for tool in settings.tools if tool.WhichOneof("tool") == "function"]
     kind = choice.WhichOneof("choice")
     if kind == "function":
         if choice.function.name not in functions:

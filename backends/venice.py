@@ -31,7 +31,7 @@ import httpx
 from google.protobuf import json_format
 
 from venna.backends import base
-from venna.responses.v1 import response_pb2, service_pb2
+from venna.responses.v1 import response_pb2
 
 MODEL_PREFIX = "venice/"
 DEFAULT_BASE_URL = "https://api.venice.ai/api/v1"
@@ -103,10 +103,7 @@ class VeniceBackend:
                 param="model",
             )
         base.refuse_unaccepted(request, self.accepts)
-        text_format = (
-            request.request.text.format.WhichOneof("format") if request.request.HasField("text") else None
-        )
-        if text_format not in (None, "text"):
+        if request.settings.text_format_kind not in (None, "text"):
             raise base.BackendError(
                 base.ErrorKind.INVALID_REQUEST,
                 "Structured output ('text.format' other than 'text') is not supported by Venice's "
@@ -249,7 +246,7 @@ def upstream_request(
     request: base.GenerationRequest, *, prefix: str = MODEL_PREFIX, dialect: str = "venice"
 ) -> dict[str, Any]:
     """The JSON body the upstream receives: the whole context, in the upstream's dialect."""
-    settings = request.request
+    settings = request.settings
     nested = dialect == "venice"
     items: list[dict[str, Any]] = []
     if request.instructions:
@@ -259,40 +256,31 @@ def upstream_request(
     if settings.tools:
         tools = (_tool(tool, nested) for tool in settings.tools)
         body["tools"] = [tool for tool in tools if tool is not None]
-    if settings.HasField("tool_choice"):
+    if settings.tool_choice is not None:
         choice = _tool_choice(settings.tool_choice, nested)
         if choice is not None:
             body["tool_choice"] = choice
-    for field in ("temperature", "top_p", "max_output_tokens", "prompt_cache_key", "seed"):
-        if settings.HasField(field):
-            body[field] = getattr(settings, field)
+    for name, value in (
+        ("temperature", settings.temperature),
+        ("top_p", settings.top_p),
+        ("max_output_tokens", settings.max_output_tokens),
+        ("prompt_cache_key", settings.prompt_cache_key),
+        ("seed", settings.seed),
+    ):
+        if value is not None:
+            body[name] = value
     if settings.stop:
         body["stop"] = list(settings.stop)
-    if settings.HasField("venice_parameters"):
-        body["venice_parameters"] = _venice_parameters(settings.venice_parameters)
-    if settings.HasField("reasoning"):
-        reasoning = {}
-        if settings.reasoning.HasField("effort"):
-            reasoning["effort"] = (
-                response_pb2.ReasoningEffort.Name(settings.reasoning.effort).split("_")[-1].lower()
-            )
-        if settings.reasoning.HasField("summary"):
-            reasoning["summary"] = (
-                response_pb2.ReasoningSummary.Name(settings.reasoning.summary).split("_")[-1].lower()
-            )
-        if reasoning:
-            body["reasoning"] = reasoning
+    if "venice_parameters" in settings.vendor:
+        body["venice_parameters"] = dict(settings.vendor["venice_parameters"])
+    reasoning = {}
+    if settings.reasoning_effort is not None:
+        reasoning["effort"] = settings.reasoning_effort
+    if settings.reasoning_summary is not None:
+        reasoning["summary"] = settings.reasoning_summary
+    if reasoning:
+        body["reasoning"] = reasoning
     return body
-
-
-def _venice_parameters(parameters: service_pb2.VeniceParameters) -> dict[str, Any]:
-    translated: dict[str, Any] = {}
-    for field, value in parameters.ListFields():
-        if field.enum_type is not None:
-            translated[field.name] = field.enum_type.values_by_number[value].name.split("_")[-1].lower()
-        else:
-            translated[field.name] = value
-    return translated
 
 
 def _message(role: str, content: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from venna.backends.store import UNREADABLE_MESSAGE, AsyncStore, PendingResponse
 from venna.responses.v1 import response_pb2, service_pb2
 from venna.server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
 from venna.server.execution import Execution
+from venna.server.generation import generation_request
 from venna.server.routing import Router
 
 log = logging.getLogger(__name__)
@@ -226,12 +227,7 @@ class BackgroundRunner:
     ) -> base.GenerationRequest:
         """The generation request of a stored response: its stored chain is its context."""
         context = await self._db.call(self._db.store.load_context, workspace_id, response.id)
-        return base.GenerationRequest(
-            model=request.model,
-            context=context or [],
-            request=request,
-            instructions=request.instructions if request.HasField("instructions") else None,
-        )
+        return generation_request(request, model=request.model, context=context or [])
 
     async def shutdown(self, grace: float) -> None:
         """Lets running responses finish for ``grace`` seconds, then fails the rest."""

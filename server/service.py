@@ -32,6 +32,7 @@ from venna.server.builder import (
     without_encrypted_reasoning,
 )
 from venna.server.execution import Execution
+from venna.server.generation import generation_request
 from venna.server.routing import Router
 from venna.server.runner import BackgroundRunner, LiveResponse
 from venna.server.validation import Violation, check_include, raise_if_any, validate_create
@@ -62,6 +63,8 @@ class _Run:
     builder: ResponseBuilder
     backend: base.Backend
     generation: base.GenerationRequest
+    # The create request as received: stored, so that queued work can run again after a restart.
+    request: service_pb2.CreateResponseRequest
     input_items: list[response_pb2.Item]
     # Whether a stored response was written as in progress before it ran; if not, it is
     # written once, with its input and output, when it is over.
@@ -262,12 +265,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if references:
             await self._resolve_references(workspace_id, request, references)
         input_items = _normalize_input(request)
-        generation = base.GenerationRequest(
-            model=route.model,
-            context=[*history, *input_items],
-            request=request,
-            instructions=request.instructions if request.HasField("instructions") else None,
-        )
+        generation = generation_request(request, model=route.model, context=[*history, *input_items])
         try:
             route.backend.validate(generation)
         except base.BackendError as error:
@@ -276,7 +274,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         builder = ResponseBuilder(
             response, expose_encrypted=ENCRYPTED_REASONING in request.include, quiet=quiet
         )
-        return _Run(workspace_id, builder, route.backend, generation, input_items)
+        return _Run(workspace_id, builder, route.backend, generation, request, input_items)
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         try:
@@ -352,7 +350,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                     workspace_id,
                     builder.response,
                     run.input_items,
-                    request=run.generation.request,
+                    request=run.request,
                     events=events,
                 )
             )

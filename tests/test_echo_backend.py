@@ -23,6 +23,7 @@ from venna.backends.base import (
 )
 from venna.backends.echo import MODEL_NAMES, EchoBackend
 from venna.responses.v1 import response_pb2, service_pb2
+from venna.server.generation import generation_request
 
 REQUIRED = response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_REQUIRED)
 
@@ -61,7 +62,9 @@ def generation(
     **fields: Any,
 ) -> GenerationRequest:
     request = service_pb2.CreateResponseRequest(model=model, input=context, **fields)
-    return GenerationRequest(model=model, context=context, request=request, instructions=instructions)
+    if instructions is not None:
+        request.instructions = instructions
+    return generation_request(request, model=model, context=context)
 
 
 async def run(request: GenerationRequest) -> list[BackendEvent]:
