@@ -35,6 +35,7 @@ from venna.backends.base import (
     UsageReport,
     refuse_unaccepted,
 )
+from venna.backends.registry import BackendKind, BuildContext
 from venna.responses.v1 import response_pb2
 
 MODEL_NAMES = ("echo", "venna-1")
@@ -213,3 +214,23 @@ def _invalid_model(problem: str) -> BackendError:
 
 def _failure() -> BackendError:
     return BackendError(ErrorKind.INTERNAL, "echo model failed on request", code="server_error")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kind: built in as ``echo`` and ``venna-1``; ``kind = "echo"`` in an ``[upstreams.NAME]``
+# section serves ``NAME/<anything>`` the same way (options after ``:`` included).
+
+
+@dataclass(frozen=True, slots=True)
+class EchoConfig:
+    """An ``[upstreams.NAME]`` section of kind ``echo``: nothing to set."""
+
+
+_SHARED = EchoBackend()
+
+
+def build(config: EchoConfig, context: BuildContext) -> EchoBackend:
+    return _SHARED  # stateless: one instance serves every name
+
+
+KIND = BackendKind("echo", EchoConfig, build, "the deterministic local echo model")

@@ -6,9 +6,11 @@ base name or prefix picks the backend, and the backend checks the rest. An alias
 model (``venna-1`` → ``venice/zai-org-glm-5-1``); options after an alias are kept
 (``venna-1:enable_web_search=on``).
 
-``venna.toml`` adds upstreams and aliases::
+``venna.toml`` adds upstreams and aliases. Each upstream has a ``kind`` from the backend
+registry (``responses`` when it names none) and that kind's keys::
 
     [upstreams.local]                       # serves local/<model>
+    kind = "responses"                      # an OpenAI-compatible Responses API
     base_url = "http://127.0.0.1:8000/v1"
     api_key_env = "LOCAL_API_KEY"           # the environment variable holding the key
     dialect = "openai"                      # "venice" (nested tools, the default) or "openai"
@@ -27,21 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from venna.backends.base import OPTIONAL_SETTINGS, Backend
+from venna.backends import registry, venice
+from venna.backends.base import Backend
+from venna.backends.echo import MODEL_NAMES
 from venna.server.errors import invalid_argument, quoted
 
 DEFAULT_CONFIG = Path("venna.toml")
-_UPSTREAM_KEYS = frozenset(
-    {
-        "base_url",
-        "api_key_env",
-        "dialect",
-        "accepts",
-        "connect_timeout",
-        "read_timeout",
-        "max_attempts",
-    }
-)
 
 
 class ConfigError(ValueError):
@@ -99,77 +92,59 @@ def default_router(config: Path | None = None, environ: Mapping[str, str] | None
     """The built-in backends (echo, and Venice from ``VENICE_*``), extended by a ``venna.toml``.
 
     ``config`` defaults to ``./venna.toml`` when that file exists; a named file must exist.
-    Backends are imported here so that a deployment pays only for what it routes.
+    Each upstream's ``kind`` (``responses`` unless it says otherwise) is looked up in the backend
+    registry, which imports only the kinds the table uses.
     """
-    from venna.backends.echo import MODEL_NAMES, EchoBackend
-    from venna.backends.venice import DEFAULT_BASE_URL, VeniceBackend
-
     environ = os.environ if environ is None else environ
     table: dict[str, Any] = {}
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
     if config is not None:
         table = _load(config)
-    echo = EchoBackend()
-    backends: dict[str, Backend] = dict.fromkeys(MODEL_NAMES, echo)
-    venice = {"base_url": environ.get("VENICE_BASE_URL") or DEFAULT_BASE_URL, "api_key_env": "VENICE_API_KEY"}
-    upstreams: dict[str, Any] = {"venice": venice}
+    unknown_sections = set(table) - {"upstreams", "aliases"}
+    if unknown_sections:
+        raise ConfigError(f"{config}: unknown sections {', '.join(sorted(unknown_sections))}")
+    echo = registry.get("echo")
+    backends: dict[str, Backend] = dict.fromkeys(
+        MODEL_NAMES, echo.build(registry.parse_config(echo, {}), registry.BuildContext("echo", environ))
+    )
+    sections: dict[str, dict[str, Any]] = {venice.NAME: venice.section(environ)}
     for name, settings in _table(table, "upstreams", config).items():
         if not isinstance(settings, dict):
             raise ConfigError(f"{config}: [upstreams.{name}] must be a table")
         if name in MODEL_NAMES or not name or "/" in name or ":" in name:
             raise ConfigError(f"{config}: '{name}' cannot name an upstream")
-        upstreams[name] = {**upstreams.get(name, {}), **settings}
-    for name, settings in upstreams.items():
-        where = f"{config}: [upstreams.{name}]"
-        unknown = set(settings) - _UPSTREAM_KEYS
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-        if not isinstance(settings.get("base_url"), str):
-            raise ConfigError(f"{where}: 'base_url' (a string) is required")
-        accepts = settings.get("accepts")
-        if accepts is not None:
-            if not isinstance(accepts, list) or not all(isinstance(value, str) for value in accepts):
-                raise ConfigError(f"{where}: 'accepts' must be a list of setting names")
-            unknown = set(accepts) - OPTIONAL_SETTINGS
-            if unknown:
-                raise ConfigError(
-                    f"{where}: 'accepts' has unknown settings {', '.join(sorted(unknown))}; "
-                    f"known: {', '.join(sorted(OPTIONAL_SETTINGS))}"
-                )
-        limits = ("connect_timeout", "read_timeout", "max_attempts")
-        options: dict[str, Any] = {key: settings[key] for key in limits if key in settings}
-        for key, value in options.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{where}: '{key}' must be a positive number")
-        if "max_attempts" in options and not isinstance(options["max_attempts"], int):
-            raise ConfigError(f"{where}: 'max_attempts' must be a whole number")
-        try:
-            backends[name] = VeniceBackend(
-                settings["base_url"],
-                environ.get(str(settings.get("api_key_env") or ""), ""),
-                prefix=f"{name}/",
-                dialect=str(settings.get("dialect", "venice")),
-                accepts=frozenset(accepts) if accepts is not None else None,
-                **options,
-            )
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{where}: {error}") from None
+        sections[name] = {**sections.get(name, {}), **settings}
+    for name, settings in sections.items():
+        backends[name] = _build(name, settings, environ, f"{config}: [upstreams.{name}]")
     aliases: dict[str, str] = {}
     for alias, target in _table(table, "aliases", config).items():
         if not isinstance(target, str) or not target:
             raise ConfigError(f"{config}: alias '{alias}' must name a model")
-        if not alias or "/" in alias or ":" in alias or alias in upstreams:
+        if not alias or "/" in alias or ":" in alias or alias in sections:
             raise ConfigError(f"{config}: '{alias}' cannot be an alias (no '/' or ':', not an upstream name)")
         if target.partition(":")[0] in table.get("aliases", {}):
             raise ConfigError(f"{config}: alias '{alias}' names another alias; name the model itself")
         if _base_name(target) not in backends:
             raise ConfigError(f"{config}: alias '{alias}' names '{target}', which no backend serves")
         aliases[alias] = target
-    unknown_sections = set(table) - {"upstreams", "aliases"}
-    if unknown_sections:
-        raise ConfigError(f"{config}: unknown sections {', '.join(sorted(unknown_sections))}")
     return Router(backends, aliases)
+
+
+def _build(name: str, section: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Backend:
+    """The backend of one ``[upstreams.NAME]`` section, through its kind in the registry."""
+    settings = dict(section)
+    kind_name = settings.pop("kind", "responses")
+    if not isinstance(kind_name, str):
+        raise ConfigError(f"{where}: 'kind' must be a string")
+    try:
+        kind = registry.get(kind_name)
+    except registry.UnknownKind as error:
+        raise ConfigError(f"{where}: {error}") from None
+    try:
+        return kind.build(registry.parse_config(kind, settings), registry.BuildContext(name, environ))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The Venice backend end to end through the HTTP shim, as the official openai SDK sees it.
 
 A real Venna (gRPC service and HTTP shim, over both shim transports) routes ``venice/…`` to a
-VeniceBackend pointed at the fake Venice upstream of tests/fake_venice.py. What comes down is
+Venice upstream pointed at the fake Venice upstream of tests/fake_venice.py. What comes down is
 checked as the SDK parses it, while the checking transport of tests/test_http_sdk.py validates
 every JSON body and SSE event against OpenAI's published schemas on its way in; where the SDK
 hides what matters (raw frames, the end of a stream), raw httpx reads the wire with the strict
@@ -61,14 +61,14 @@ from tests.test_venice_backend import (
     system,
     user,
 )
-from venna.backends.venice import VeniceBackend
+from venna.backends.venice import venice_upstream
 from venna.server.routing import Router
 
 MODEL = f"venice/{UPSTREAM_MODEL}"
-# Served by a second VeniceBackend with a short read time-out, for stalled upstreams.
+# Served by a second Venice upstream with a short read time-out, for stalled upstreams.
 IMPATIENT_MODEL = f"impatient/{UPSTREAM_MODEL}"
 IMPATIENT_READ_TIMEOUT = 0.3
-# Served by a VeniceBackend whose upstream port nothing listens on.
+# Served by a Venice upstream whose upstream port nothing listens on.
 UNREACHABLE_MODEL = f"unreachable/{UPSTREAM_MODEL}"
 ID_PREFIXES = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_", "web_search_call": "ws_"}
 
@@ -105,15 +105,15 @@ def venice_router(base_url: str) -> Router:
     """``venice/…`` and ``impatient/…`` on the fake upstream, ``unreachable/…`` on a dead port."""
     return Router(
         {
-            "venice": VeniceBackend(base_url, UPSTREAM_KEY, backoff_base=0.01),
-            "impatient": VeniceBackend(
+            "venice": venice_upstream(base_url, UPSTREAM_KEY, backoff_base=0.01),
+            "impatient": venice_upstream(
                 base_url,
                 UPSTREAM_KEY,
                 prefix="impatient/",
                 read_timeout=IMPATIENT_READ_TIMEOUT,
                 backoff_base=0.01,
             ),
-            "unreachable": VeniceBackend(
+            "unreachable": venice_upstream(
                 f"http://127.0.0.1:{free_port()}/api/v1",
                 UPSTREAM_KEY,
                 prefix="unreachable/",

@@ -299,9 +299,13 @@ async def test_items_that_arrive_whole_keep_their_content(gateway: Venna, fake: 
 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:
     cases = {
-        "[upstreams.a]\nbase_url = 1\n": "'base_url' (a string) is required",
+        "[upstreams.a]\nbase_url = 1\n": "'base_url' must be a string, got 1",
+        "[upstreams.a]\ndialect = 'openai'\n": "[upstreams.a]: 'base_url' is required",
+        '[upstreams.a]\nkind = "nope"\n': "unknown backend kind 'nope'; known: echo, responses",
+        '[upstreams.a]\nkind = "echo"\nbase_url = "http://x"\n': "unknown keys base_url for kind 'echo'",
+        '[upstreams.a]\nbase_url = "http://x"\nmax_attempts = 1.5\n': "'max_attempts' must be a whole number",
         '[upstreams.a]\nbase_url = "http://x"\nurl = "y"\n': "unknown keys url",
-        '[upstreams.a]\nbase_url = "http://x"\ndialect = "grpc"\n': "unknown dialect",
+        '[upstreams.a]\nbase_url = "http://x"\ndialect = "grpc"\n': "'dialect' must be one of venice, openai",
         '[upstreams.a]\nbase_url = "http://x"\naccepts = ["temperature", "n"]\n': "unknown settings n",
         '[upstreams.a]\nbase_url = "http://x"\nread_timeout = -1\n': "'read_timeout' must be a positive",
         '[upstreams.echo]\nbase_url = "http://x"\n': "'echo' cannot name an upstream",

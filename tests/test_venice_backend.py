@@ -42,7 +42,8 @@ from tests.fake_venice import (
 )
 from tests.streams import MESSAGE_EVENTS
 from venna.backends.echo import EchoBackend
-from venna.backends.venice import VeniceBackend
+from venna.backends.responses import ResponsesUpstream
+from venna.backends.venice import venice_upstream
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 from venna.server.routing import Router
 
@@ -60,14 +61,14 @@ VENNA_ONLY_KEYS = {"store", "background", "metadata", "previous_response_id", "i
 # Fixtures and helpers
 
 
-def venice_router(venice: VeniceBackend) -> Router:
+def venice_router(venice: ResponsesUpstream) -> Router:
     """Routes ``venice/…`` to ``venice`` (and ``echo``), as a deployment would."""
     return Router({"echo": EchoBackend(), "venice": venice})
 
 
-def backend(base_url: str, **options: Any) -> VeniceBackend:
+def backend(base_url: str, **options: Any) -> ResponsesUpstream:
     options.setdefault("backoff_base", 0.01)
-    return VeniceBackend(base_url, UPSTREAM_KEY, **options)
+    return venice_upstream(base_url, UPSTREAM_KEY, **options)
 
 
 @pytest.fixture
@@ -565,7 +566,7 @@ async def test_unservable_requests_never_reach_the_upstream(
         caught = await rpc_error(gateway.alpha.create(input="hi", **fields))
         assert caught.code() == INVALID
     # Without an upstream key the gateway is not configured for Venice: a server-side refusal.
-    async with serving(tmp_path / "keyless.db", venice_router(VeniceBackend(fake.base_url, ""))) as keyless:
+    async with serving(tmp_path / "keyless.db", venice_router(venice_upstream(fake.base_url, ""))) as keyless:
         caught = await rpc_error(keyless.alpha.create(model=MODEL, input="hi"))
         assert caught.code() == UNAVAILABLE
     assert fake.requests == []
