@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import socket
-import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import venna
-from venna.backends.store import Store, UsageTotal, sum_usage
+from venna.backends.store import ResponseStore, StoreUnavailable, UsageTotal, open_store, sum_usage
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
@@ -383,15 +382,15 @@ async def serve(
         check_listen("--http-listen", http_listen)
     try:
         server = VennaServer(config)
-    except sqlite3.Error as error:
-        raise SettingError(f"--db {config.db_path}: {error}") from None
+    except StoreUnavailable as error:
+        raise SettingError(f"--db {error}") from None
     except OSError as error:
         raise SettingError(_os_error(error)) from None
     except ValueError as error:
         raise SettingError(str(error)) from None
     try:
         await server.start()
-    except (OSError, ValueError, sqlite3.Error) as error:
+    except (OSError, ValueError, StoreUnavailable) as error:
         await server.stop(0)
         raise SettingError(str(error)) from None
     http = None
@@ -467,12 +466,12 @@ def _table_row(label: str, total: UsageTotal, width: int) -> str:
     return f"{label:<{width}}" + "".join(f" {count:>12}" for count in counts)
 
 
-def usage_report(store: Store, options: argparse.Namespace) -> int:
+async def usage_report(store: ResponseStore, options: argparse.Namespace) -> int:
     """``venna usage``: a table (or JSON) of token totals per workspace."""
     if options.since is not None and options.until is not None and options.since > options.until:
         print("venna: --since is after --until", file=sys.stderr)
         return 1
-    workspaces = store.list_workspaces()
+    workspaces = await store.list_workspaces()
     if options.workspace is not None:
         workspaces = [workspace for workspace in workspaces if workspace.name == options.workspace]
         if not workspaces:
@@ -480,7 +479,7 @@ def usage_report(store: Store, options: argparse.Namespace) -> int:
             return 1
     reports = []
     for workspace in workspaces:
-        buckets = store.usage_totals(
+        buckets = await store.usage_totals(
             workspace.id, since=options.since, until=options.until, group_by_model=options.by_model
         )
         reports.append((workspace, buckets, sum_usage(buckets)))
@@ -545,30 +544,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
 
+    return asyncio.run(store_command(options))
+
+
+async def store_command(options: argparse.Namespace) -> int:
+    """``venna keys …`` and ``venna usage``: the store's maintenance, without a server."""
     try:
-        store = Store(options.db)
-    except (OSError, sqlite3.Error) as error:
-        reason = _os_error(error) if isinstance(error, OSError) else str(error)
-        print(f"venna: --db {options.db}: {reason}", file=sys.stderr)
+        store = open_store(options.db)
+    except StoreUnavailable as error:
+        print(f"venna: --db {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"venna: --db {options.db}: {_os_error(error)}", file=sys.stderr)
         return 2
     try:
         if options.command == "usage":
-            return usage_report(store, options)
+            return await usage_report(store, options)
         if options.keys_command == "create":
-            key, record = store.create_key(options.workspace)
+            key, record = await store.create_key(options.workspace)
             print(
                 f"created key {record.id} for workspace '{record.workspace}' (shown once):", file=sys.stderr
             )
             print(key)
         elif options.keys_command == "list":
             print(f"{'ID':<22} {'WORKSPACE':<20} {'KEY':<14} {'CREATED':<21} REVOKED")
-            for record in store.list_keys():
+            for record in await store.list_keys():
                 print(
                     f"{record.id:<22} {record.workspace:<20} {record.hint:<14} "
                     f"{_when(record.created_at):<21} {_when(record.revoked_at)}"
                 )
         elif options.keys_command == "revoke":
-            if not store.revoke_key(options.key_id):
+            if not await store.revoke_key(options.key_id):
                 print(f"venna: no active key with id '{options.key_id}'", file=sys.stderr)
                 return 1
             print(f"revoked {options.key_id}", file=sys.stderr)

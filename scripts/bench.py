@@ -58,7 +58,7 @@ import grpc
 import grpc.aio
 import httpx
 
-from venna.backends.store import Store
+from venna.backends.store.sqlite.queries import Store
 from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from venna.backends.store import AsyncStore, Store
+from venna.backends.store import open_store
 from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
 from venna.server.routing import Router, default_router
@@ -145,19 +145,21 @@ class VennaServer:
 
     def __init__(self, config: ServerConfig, router: Router | None = None) -> None:
         self.config = config
-        self.db = AsyncStore(Store(config.db_path))
+        self.store = open_store(config.db_path)
         self.router = router or default_router(config.routing_config)
-        self.runner = BackgroundRunner(self.db, self.router, config.background_concurrency)
+        self.runner = BackgroundRunner(self.store, self.router, config.background_concurrency)
         self.service = ResponsesService(
-            self.db,
+            self.store,
             self.router,
             self.runner,
             max_chain_depth=config.max_chain_depth,
             max_background_per_workspace=config.max_background_per_workspace,
         )
-        self.usage = UsageService(self.db)
+        self.usage = UsageService(self.store)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
-        self.authenticator = Authenticator(self.db, config.key_cache_seconds, config.max_concurrent_per_key)
+        self.authenticator = Authenticator(
+            self.store, config.key_cache_seconds, config.max_concurrent_per_key
+        )
         self.server = grpc.aio.server(
             options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs
         )
@@ -229,7 +231,7 @@ class VennaServer:
         await self.router.aclose()
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
 
     async def stop(self, grace: float | None = None) -> None:
         await self.drain(grace)

@@ -24,7 +24,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
-from venna.backends.store import AsyncStore
+from venna.backends.store import ResponseStore
 from venna.server.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -132,13 +132,13 @@ class Authenticator:
 
     def __init__(
         self,
-        db: AsyncStore,
+        store: ResponseStore,
         key_cache_seconds: float = 5.0,
         max_concurrent_per_key: int = DEFAULT_MAX_CONCURRENT_PER_KEY,
     ) -> None:
         if max_concurrent_per_key < 1:
             raise ValueError("max_concurrent_per_key must be at least 1")
-        self._db = db
+        self._store = store
         self._keys = KeyCache(key_cache_seconds)
         self._max_concurrent = max_concurrent_per_key
         # Calls (and streams) running now, by key.
@@ -155,7 +155,7 @@ class Authenticator:
             )
         found = self._keys.get(key)
         if found is None:
-            found = await self._db.call(self._db.store.authenticate, key)
+            found = await self._store.authenticate(key)
             if found is None:
                 raise ServiceError(
                     grpc.StatusCode.UNAUTHENTICATED,

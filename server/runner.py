@@ -34,7 +34,7 @@ import logging
 from collections.abc import AsyncGenerator
 
 from venna.backends import base
-from venna.backends.store import UNREADABLE_MESSAGE, AsyncStore, PendingResponse, UnreadableRecord, event_rows
+from venna.backends.store import UNREADABLE_MESSAGE, PendingResponse, ResponseStore, UnreadableRecord
 from venna.responses.v1 import response_pb2, service_pb2
 from venna.server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
 from venna.server.execution import Execution
@@ -107,8 +107,8 @@ class LiveResponse:
 class BackgroundRunner:
     """Runs background responses with bounded concurrency and streams them to followers."""
 
-    def __init__(self, db: AsyncStore, router: Router, concurrency: int = 64) -> None:
-        self._db = db
+    def __init__(self, store: ResponseStore, router: Router, concurrency: int = 64) -> None:
+        self._store = store
         self._router = router
         self._slots = asyncio.Semaphore(concurrency)
         self._live: dict[str, LiveResponse] = {}
@@ -153,7 +153,7 @@ class BackgroundRunner:
     async def recover(self) -> None:
         """Settles the background responses a previous process left unfinished; whatever one
         stored row holds, the others are settled and the server starts."""
-        for pending in await self._db.call(self._db.store.pending_responses):
+        for pending in await self._store.pending_responses():
             try:
                 await self._recover(pending)
             except Exception:
@@ -162,7 +162,7 @@ class BackgroundRunner:
     async def _recover(self, pending: PendingResponse) -> None:
         response = pending.response
         try:
-            ended = await self._db.call(self._db.store.last_terminal_event, response.id)
+            ended = await self._store.last_terminal_event(response.id)
         except UnreadableRecord:
             log.warning("response %s: its stream ended but cannot be read; marked failed", response.id)
             await self._settle_failed(pending, UNREADABLE_MESSAGE, append=False)
@@ -171,7 +171,7 @@ class BackgroundRunner:
             member = ended.WhichOneof("event")
             assert member is not None
             final: response_pb2.Response = getattr(ended, member).response
-            await self._db.call(self._db.store.save_response, pending.workspace_id, final, finished=True)
+            await self._store.save_response(pending.workspace_id, final, finished=True)
             log.info("settled response %s from its stored %s event", response.id, member)
             return
         if pending.unreadable:
@@ -182,9 +182,7 @@ class BackgroundRunner:
         if queued and pending.request is not None and response.background:
             try:
                 generation = await self.generation_for(pending.workspace_id, response, pending.request)
-                events = await self._db.call(
-                    self._db.store.events_after, pending.workspace_id, response.id, -1
-                )
+                events = await self._store.events_after(pending.workspace_id, response.id, -1)
             except UnreadableRecord as error:
                 log.warning(
                     "response %s cannot be run again: stored response %s cannot be read; marked failed",
@@ -213,20 +211,18 @@ class BackgroundRunner:
         ``response.failed`` (background responses only, unless ``append`` is False: their
         stream has ended already); foreground streams are not kept."""
         response = pending.response
-        last = await self._db.call(self._db.store.last_sequence_number, response.id)
+        last = await self._store.last_sequence_number(response.id)
         builder = ResponseBuilder(response, next_sequence_number=last + 1)
         events = builder.failed("server_error", message)
         if not response.background or not append:
             events = []
-        await self._db.call(
-            self._db.store.save_response, pending.workspace_id, builder.response, events=events, finished=True
-        )
+        await self._store.save_response(pending.workspace_id, builder.response, events=events, finished=True)
 
     async def generation_for(
         self, workspace_id: str, response: response_pb2.Response, request: service_pb2.CreateResponseRequest
     ) -> base.GenerationRequest:
         """The generation request of a stored response: its stored chain is its context."""
-        context = await self._db.call(self._db.store.load_context, workspace_id, response.id)
+        context = await self._store.load_context(workspace_id, response.id)
         return generation_request(request, model=request.model, context=context or [])
 
     async def shutdown(self, grace: float) -> None:
@@ -251,9 +247,7 @@ class BackgroundRunner:
             async with self._slots:
                 started = True
                 start = builder.started()
-                await self._db.call(
-                    self._db.store.save_response, live.workspace_id, builder.response, events=start
-                )
+                await self._store.save_response(live.workspace_id, builder.response, events=start)
                 live.publish(start)
                 route = self._router.resolve(generation.model)
                 generation = dataclasses.replace(generation, model=route.model)
@@ -289,8 +283,7 @@ class BackgroundRunner:
         """Stores the final state with the terminal event in one transaction, then publishes it."""
         try:
             await self._drain(live)
-            await self._db.call(
-                self._db.store.save_response,
+            await self._store.save_response(
                 live.workspace_id,
                 live.builder.response,
                 events=live.terminal,
@@ -326,7 +319,7 @@ class BackgroundRunner:
     async def _flush(self, live: LiveResponse) -> None:
         while live.unpublished:
             batch, live.unpublished = live.unpublished, []
-            await self._db.insert(event_rows(live.response_id, batch))
+            await self._store.append_events(live.response_id, batch)
             live.publish(batch)
 
     async def _drain(self, live: LiveResponse) -> None:

@@ -13,13 +13,11 @@ import grpc
 
 from venna.backends import base
 from venna.backends.store import (
-    AsyncStore,
     ChainTooDeep,
+    ResponseStore,
     UnreadableRecord,
     item_id,
-    new_response_rows,
     unreadable_response,
-    usage_rows,
 )
 from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 from venna.server import auth, errors
@@ -80,15 +78,14 @@ class _Run:
 class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     def __init__(
         self,
-        db: AsyncStore,
+        store: ResponseStore,
         router: Router,
         runner: BackgroundRunner,
         *,
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         max_background_per_workspace: int = DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
     ) -> None:
-        self._db = db
-        self._store = db.store
+        self._store = store
         self._router = router
         self._runner = runner
         self.max_chain_depth = max_chain_depth
@@ -166,7 +163,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                     yield event
             return
         try:
-            stored = await self._db.call(self._store.events_after, workspace_id, response.id, after)
+            stored = await self._store.events_after(workspace_id, response.id, after)
         except UnreadableRecord as error:
             # The stream as far as it can be read, then its end as the stored response has it.
             self._report_unreadable(response.id, "a stored stream event of response")
@@ -185,7 +182,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     ) -> service_pb2.DeleteResponseResponse:
         workspace_id = auth.workspace_id()
         await self._runner.cancel(workspace_id, request.response_id)
-        if not await self._db.call(self._store.delete_response, workspace_id, request.response_id):
+        if not await self._store.delete_response(workspace_id, request.response_id):
             raise errors.response_not_found(request.response_id)
         return service_pb2.DeleteResponseResponse(id=request.response_id, object="response", deleted=True)
 
@@ -201,7 +198,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if response.status in _UNFINISHED:
             # Unfinished but run by no one here (another process owned it): settle it in place.
             response.status = response_pb2.RESPONSE_STATUS_CANCELLED
-            await self._db.call(self._store.save_response, workspace_id, response, finished=True)
+            await self._store.save_response(workspace_id, response, finished=True)
         return without_encrypted_reasoning(response)
 
     async def ListInputItems(
@@ -218,8 +215,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         raise_if_any(violations)
         after = request.after if request.HasField("after") else None
         try:
-            page = await self._db.call(
-                self._store.list_input_items,
+            page = await self._store.list_input_items(
                 workspace_id,
                 request.response_id,
                 limit=limit,
@@ -278,7 +274,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         try:
-            previous = await self._db.call(self._store.get_response, workspace_id, previous_response_id)
+            previous = await self._store.get_response(workspace_id, previous_response_id)
         except UnreadableRecord as error:
             raise _unreadable_previous(previous_response_id, error) from None
         if previous is None:
@@ -296,8 +292,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 param="previous_response_id",
             )
         try:
-            history = await self._db.call(
-                self._store.load_context, workspace_id, previous_response_id, max_depth=self.max_chain_depth
+            history = await self._store.load_context(
+                workspace_id, previous_response_id, max_depth=self.max_chain_depth
             )
         except ChainTooDeep as error:
             raise errors.invalid_argument(
@@ -316,7 +312,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         """Replaces each item reference of the input (their ids: ``references``) with the stored
         item it names, in place."""
         try:
-            found = await self._db.call(self._store.find_items, workspace_id, references)
+            found = await self._store.find_items(workspace_id, references)
         except UnreadableRecord as error:
             position = next(
                 index
@@ -345,14 +341,8 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         try:
             builder = run.builder
             events = builder.created()
-            await self._db.insert(
-                new_response_rows(
-                    workspace_id,
-                    builder.response,
-                    run.input_items,
-                    request=run.request,
-                    events=events,
-                )
+            await self._store.create_response(
+                workspace_id, builder.response, run.input_items, request=run.request, events=events
             )
             # The caller gets the queued snapshot; the runner mutates its own copy.
             running = response_pb2.Response()
@@ -397,7 +387,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         builder = run.builder
         response = builder.response
         if run.stored:
-            await self._db.insert(new_response_rows(run.workspace_id, response, run.input_items))
+            await self._store.create_response(run.workspace_id, response, run.input_items)
             run.announced = True
         head = builder.created() + builder.started()
         try:
@@ -452,13 +442,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         run.saved = True
         response = run.builder.response
         if run.stored and not run.announced:
-            return self._db.insert(
-                new_response_rows(run.workspace_id, response, run.input_items, finished=True)
-            )
+            return self._store.create_response(run.workspace_id, response, run.input_items, finished=True)
         if run.stored:
             # The usage record is written in the same transaction.
-            return self._db.call(self._store.save_response, run.workspace_id, response, finished=True)
-        return self._db.insert(usage_rows(run.workspace_id, response))
+            return self._store.save_response(run.workspace_id, response, finished=True)
+        return self._store.record_usage(run.workspace_id, response)
 
     async def _write_detached(self, run: _Run) -> None:
         try:
@@ -483,7 +471,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             snapshot.CopyFrom(live.builder.response)
             return snapshot
         try:
-            response = await self._db.call(self._store.get_response, workspace_id, response_id)
+            response = await self._store.get_response(workspace_id, response_id)
         except UnreadableRecord as error:
             # Failed, as far as anyone can tell: what a response that cannot be read answers.
             self._report_unreadable(response_id, "stored response")

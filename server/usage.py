@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from venna.backends.store import AsyncStore, UsageTotal, sum_usage
+from venna.backends.store import ResponseStore, UsageTotal, sum_usage
 from venna.responses.v1 import usage_pb2, usage_pb2_grpc
 from venna.server import auth
 from venna.server.validation import Violation, raise_if_any
 
 
 class UsageService(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, db: AsyncStore) -> None:
-        self._db = db
-        self._store = db.store
+    def __init__(self, store: ResponseStore) -> None:
+        self._store = store
 
     async def GetUsage(
         self, request: usage_pb2.GetUsageRequest, context: auth.Context
@@ -28,8 +27,7 @@ class UsageService(usage_pb2_grpc.UsageServiceServicer):
                 Violation("end_time", f"Invalid 'end_time': {end} is before 'start_time' {start}.")
             )
         raise_if_any(violations)
-        totals = await self._db.call(
-            self._store.usage_totals,
+        totals = await self._store.usage_totals(
             workspace_id,
             since=start,
             until=end,

@@ -129,8 +129,8 @@ async def serving(db_path: Path, router: Router | None = None, **config: Any) ->
     """A started server over ``db_path`` with two workspaces, alpha and beta, each with a key."""
     server = VennaServer(start_config(db_path, **config), router=router)
     await server.start()
-    alpha_key, _ = await server.db.call(server.db.store.create_key, "alpha")
-    beta_key, _ = await server.db.call(server.db.store.create_key, "beta")
+    alpha_key, _ = await server.store.create_key("alpha")
+    beta_key, _ = await server.store.create_key("beta")
     channel = grpc.aio.insecure_channel(server.address)
     stub = async_stub(channel)
     try:

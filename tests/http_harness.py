@@ -66,7 +66,7 @@ class HttpVenna(LoopThread):
         )
         await http.start()
         for workspace in ("alpha", "beta"):
-            self.keys[workspace], _ = await server.db.call(server.db.store.create_key, workspace)
+            self.keys[workspace], _ = await server.store.create_key(workspace)
         self.base_url = f"http://127.0.0.1:{http.port}/v1"
         self.http_port = http.port
         self.grpc_address = server.address

@@ -24,7 +24,10 @@ from google.protobuf import struct_pb2
 from tests.conftest import Venna, error_info, event_type, make_request, output_text, serving, start_config
 from tests.http_harness import HttpVenna
 from tests.test_background import wait_for_status
-from venna.backends.store import UNREADABLE_MESSAGE, Store, new_response_rows
+from venna.backends.store import UNREADABLE_MESSAGE
+from venna.backends.store.sqlite import SqliteStore
+from venna.backends.store.sqlite.queries import Store
+from venna.backends.store.sqlite.rows import new_response_rows
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 from venna.server.app import VennaServer
 from venna.server.builder import ResponseBuilder, new_id
@@ -82,7 +85,7 @@ def assert_one_terminal_event_last(types: list[str], expected: str | None) -> No
 
 
 async def workspace_of(venna: Venna, key: str) -> str:
-    workspace_id = await venna.server.db.call(venna.server.db.store.authenticate, key)
+    workspace_id = await venna.server.store.authenticate(key)
     assert workspace_id is not None
     return workspace_id
 
@@ -90,7 +93,8 @@ async def workspace_of(venna: Venna, key: str) -> str:
 def slow_final_writes(server: VennaServer, seconds: float) -> list[tuple[str, float]]:
     """Makes the store's final write of every response take ``seconds`` longer, on the store's
     own thread; returns a log of (response id, commit time) filled in as they complete."""
-    store = server.db.store
+    assert isinstance(server.store, SqliteStore)
+    store = server.store.queries
     real = store.save_response
     committed: list[tuple[str, float]] = []
 
@@ -536,7 +540,7 @@ async def test_background_responses_per_workspace_are_capped(tmp_path: Path) -> 
     async with limited(db_path, max_background_per_workspace=queued) as server:
         channel = grpc.aio.insecure_channel(server.address)
         try:
-            key, _ = await server.db.call(server.db.store.create_key, "alpha")
+            key, _ = await server.store.create_key("alpha")
             stub = service_pb2_grpc.ResponsesServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.CreateResponse(

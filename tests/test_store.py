@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from venna.backends.store import AsyncStore, NewRows, Store, new_response_rows
+from venna.backends.store.sqlite.queries import Store
+from venna.backends.store.sqlite.rows import NewRows, new_response_rows
+from venna.backends.store.sqlite.writer import AsyncStore
 from venna.responses.v1 import response_pb2
 from venna.server.builder import new_id
 

@@ -19,8 +19,9 @@ from sqlite_utils import Database
 
 from tests.conftest import Client, Venna, error_info, make_request, serving
 from tests.test_background import wait_for_status
-from venna.backends.store import Store, migrations, new_response_rows
-from venna.backends.store import usage_rows as new_usage_rows
+from venna.backends.store.sqlite.queries import Store
+from venna.backends.store.sqlite.rows import new_response_rows
+from venna.backends.store.sqlite.schema import migrations
 from venna.cli import commands as cli
 from venna.responses.v1 import events_pb2, response_pb2, usage_pb2, usage_pb2_grpc
 
@@ -63,7 +64,7 @@ def response_id_of(events: list[events_pb2.ResponseStreamEvent]) -> str:
 
 
 async def workspace_of(venna: Venna, client: Client) -> str:
-    workspace_id = await venna.server.db.call(venna.server.db.store.authenticate, client.key)
+    workspace_id = await venna.server.store.authenticate(client.key)
     assert workspace_id is not None
     return workspace_id
 
@@ -257,7 +258,7 @@ async def seed(venna: Venna) -> None:
         response.usage.output_tokens = output_tokens
         response.usage.output_tokens_details.reasoning_tokens = reasoning
         response.usage.input_tokens_details.cached_tokens = cached
-        await venna.server.db.insert(new_usage_rows(workspace, response))
+        await venna.server.store.record_usage(workspace, response)
 
 
 async def test_totals_by_time_range_and_model(venna: Venna) -> None:
@@ -305,7 +306,7 @@ async def test_a_workspace_sees_only_its_own_usage(venna: Venna) -> None:
     assert alpha.total.input_tokens == 60 + 4
 
     # A fresh workspace has nothing.
-    key, _ = await venna.server.db.call(venna.server.db.store.create_key, "gamma")
+    key, _ = await venna.server.store.create_key("gamma")
     gamma = await usage_of(venna, venna.client(key))
     assert list(gamma.buckets) == [] and gamma.total.responses == 0
 

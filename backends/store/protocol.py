@@ -1,0 +1,273 @@
+"""The store's interface: what the server asks of durable state, in the domain's terms.
+
+Every engine (SQLite, PostgreSQL) implements ``ResponseStore`` and passes the same contract
+tests (tests/test_store_contract.py). Rules every implementation keeps:
+
+* Every record belongs to a workspace and every read filters on it: an id of another workspace
+  is indistinguishable from an unknown one.
+* A response stores its own new input items and its output items, never a copy of the history;
+  ``load_context`` rebuilds a chain's conversation.
+* A record that cannot be decoded fails the calls that need it (``UnreadableRecord``), never the
+  others, and never the server's start.
+* Methods return awaitables and may be called concurrently from one event loop; writes queued
+  together may share a commit, each succeeding or failing on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be opened (a file that is not a database, a server that refuses)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    workspace: str
+    hint: str
+    created_at: int
+    revoked_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: str
+    name: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Token totals of usage records: of one model, or of all of them (``model`` None)."""
+
+    model: str | None
+    responses: int
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    total_tokens: int
+
+
+def sum_usage(totals: Sequence[UsageTotal]) -> UsageTotal:
+    """One total (model None) over several, e.g. over the per-model totals."""
+    return UsageTotal(
+        model=None,
+        responses=sum(total.responses for total in totals),
+        input_tokens=sum(total.input_tokens for total in totals),
+        output_tokens=sum(total.output_tokens for total in totals),
+        reasoning_tokens=sum(total.reasoning_tokens for total in totals),
+        cached_tokens=sum(total.cached_tokens for total in totals),
+        total_tokens=sum(total.total_tokens for total in totals),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class InputItemsPage:
+    items: list[response_pb2.Item]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PendingResponse:
+    """A background response that had not finished when the server last stopped."""
+
+    workspace_id: str
+    response: response_pb2.Response
+    request: service_pb2.CreateResponseRequest | None
+    # The stored body or request could not be decoded: ``response`` is then a placeholder
+    # (``unreadable_response``) with the row's status, and ``request`` is None.
+    unreadable: bool = False
+
+
+class UnreadableRecord(Exception):
+    """A stored record that cannot be decoded (corrupt bytes, or a message nested deeper than
+    protobuf's parser accepts although its serializer wrote it).
+
+    Raised per row, so that one such record fails the calls that need it and nothing else.
+    ``item_id`` names the unreadable item, if it was an item; ``readable`` holds the events
+    read before an unreadable one (``events_after``).
+    """
+
+    def __init__(
+        self,
+        response_id: str,
+        *,
+        created_at: int = 0,
+        background: bool = False,
+        item_id: str | None = None,
+        readable: Sequence[events_pb2.ResponseStreamEvent] = (),
+    ) -> None:
+        super().__init__(f"stored record of response {response_id} cannot be decoded")
+        self.response_id = response_id
+        self.created_at = created_at
+        self.background = background
+        self.item_id = item_id
+        self.readable = list(readable)
+
+
+class ChainTooDeep(Exception):
+    """A ``previous_response_id`` chain longer than the limit a caller gave."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"chain longer than {limit} responses")
+        self.limit = limit
+
+
+UNREADABLE_MESSAGE = "The stored response could not be read."
+
+
+def unreadable_response(
+    response_id: str, created_at: int, *, background: bool, status: int = response_pb2.RESPONSE_STATUS_FAILED
+) -> response_pb2.Response:
+    """What is known of a response whose stored body cannot be decoded: its id, creation
+    time and kind from the row's columns, failed with ``server_error``."""
+    response = response_pb2.Response(
+        id=response_id, object="response", created_at=created_at, background=background
+    )
+    response.status = status  # type: ignore[assignment]  # the row's status column
+    response.error.code = "server_error"
+    response.error.message = UNREADABLE_MESSAGE
+    return response
+
+
+def item_id(item: response_pb2.Item) -> str:
+    """The id of whichever member of the item union is set."""
+    kind = item.WhichOneof("item")
+    return getattr(item, kind).id if kind else ""
+
+
+class ResponseStore(Protocol):
+    """Durable state: workspace keys, responses with their items and stream events, usage."""
+
+    # ------------------------------------------------------------------ keys and workspaces
+
+    def create_key(self, workspace_name: str) -> Awaitable[tuple[str, KeyRecord]]:
+        """A new key of the workspace (created if new); the plaintext is returned only here."""
+        ...
+
+    def list_keys(self) -> Awaitable[list[KeyRecord]]: ...
+
+    def revoke_key(self, key_id: str) -> Awaitable[bool]:
+        """False if there is no active key with that id."""
+        ...
+
+    def list_workspaces(self) -> Awaitable[list[Workspace]]: ...
+
+    def authenticate(self, key: str) -> Awaitable[str | None]:
+        """The workspace id of a valid, unrevoked key; None otherwise."""
+        ...
+
+    # ------------------------------------------------------------------ responses
+
+    def create_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        input_items: Sequence[response_pb2.Item],
+        *,
+        request: service_pb2.CreateResponseRequest | None = None,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> Awaitable[None]:
+        """Stores a new response with its input and output items, as they are at the call.
+
+        ``request`` is kept for background work (to run it again after a restart), ``events``
+        are its first stream events, and ``finished`` records its usage too.
+        """
+        ...
+
+    def save_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        *,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> Awaitable[bool]:
+        """Updates a stored response (status, body, output) and appends ``events``, together;
+        False if it no longer exists. ``finished`` drops the kept request and records usage,
+        even for a response deleted meanwhile: its tokens were spent all the same."""
+        ...
+
+    def append_events(
+        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
+    ) -> Awaitable[None]:
+        """Stores more stream events of a response (an event stored twice is kept once)."""
+        ...
+
+    def record_usage(self, workspace_id: str, response: response_pb2.Response) -> Awaitable[None]:
+        """The usage record of a finished response that is not stored (``store: false``)."""
+        ...
+
+    def get_response(self, workspace_id: str, response_id: str) -> Awaitable[response_pb2.Response | None]:
+        """The stored response with its output; None if unknown in this workspace. Raises
+        UnreadableRecord if it cannot be decoded."""
+        ...
+
+    def delete_response(self, workspace_id: str, response_id: str) -> Awaitable[bool]:
+        """Deletes the response with its items and events; False if unknown in this workspace."""
+        ...
+
+    def load_context(
+        self, workspace_id: str, response_id: str, *, max_depth: int | None = None
+    ) -> Awaitable[list[response_pb2.Item] | None]:
+        """The conversation up to and including ``response_id``, oldest first: per response,
+        its input items then its output items. None if unknown in this workspace; ChainTooDeep
+        past ``max_depth`` responses before it; UnreadableRecord for an item it cannot decode."""
+        ...
+
+    def find_items(
+        self, workspace_id: str, item_ids: Sequence[str]
+    ) -> Awaitable[dict[str, response_pb2.Item]]:
+        """Stored items of this workspace by id; ids not found are absent."""
+        ...
+
+    def list_input_items(
+        self, workspace_id: str, response_id: str, *, limit: int, ascending: bool, after: str | None
+    ) -> Awaitable[InputItemsPage | None]:
+        """A page of a response's own input items; None if the response is unknown, LookupError
+        if ``after`` is not one of its input items."""
+        ...
+
+    def events_after(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> Awaitable[list[events_pb2.ResponseStreamEvent]]:
+        """The stored events numbered above ``after``, in order (none for another workspace's)."""
+        ...
+
+    def last_sequence_number(self, response_id: str) -> Awaitable[int]:
+        """The number of the response's last stored event; -1 if it has none."""
+        ...
+
+    def last_terminal_event(self, response_id: str) -> Awaitable[events_pb2.ResponseStreamEvent | None]:
+        """The last stored event if it ends the stream (completed, incomplete, failed)."""
+        ...
+
+    def pending_responses(self) -> Awaitable[list[PendingResponse]]:
+        """Responses left queued or in progress, oldest first; never raises for one bad row."""
+        ...
+
+    # ------------------------------------------------------------------ usage
+
+    def usage_totals(
+        self,
+        workspace_id: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        group_by_model: bool = False,
+    ) -> Awaitable[list[UsageTotal]]:
+        """Token totals of the workspace's responses created in [since, until), per model or as
+        one total; none for an empty range."""
+        ...
+
+    def close(self) -> None:
+        """Finishes the writes already queued, then releases the store."""
+        ...

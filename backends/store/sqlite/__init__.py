@@ -1,0 +1,157 @@
+"""The store on one SQLite file: the default engine, embedded, for one process.
+
+``SqliteStore`` implements ResponseStore over ``Store`` (the queries, synchronous, one
+connection) run by ``AsyncStore`` (one thread that takes the calls queued meanwhile and commits
+them together). New records are built into rows at the call and merged with other inserts of
+the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from venna.backends.store.protocol import (
+    InputItemsPage,
+    KeyRecord,
+    PendingResponse,
+    StoreUnavailable,
+    UsageTotal,
+    Workspace,
+)
+from venna.backends.store.sqlite.queries import Store
+from venna.backends.store.sqlite.rows import event_rows, new_response_rows, usage_rows
+from venna.backends.store.sqlite.writer import AsyncStore
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+__all__ = ["SqliteStore"]
+
+
+class SqliteStore:
+    """ResponseStore on one SQLite file. Each method returns the future of its result (no
+    coroutine layer: a write is on the path of every create)."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            queries = Store(path)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"{path}: {error}") from None
+        self.path = queries.path
+        # The synchronous queries, run on the store's thread only.
+        self.queries = queries
+        self._thread = AsyncStore(queries)
+
+    def close(self) -> None:
+        self._thread.close()
+
+    # ------------------------------------------------------------------ keys and workspaces
+
+    def create_key(self, workspace_name: str) -> asyncio.Future[tuple[str, KeyRecord]]:
+        return self._thread.call(self.queries.create_key, workspace_name)
+
+    def list_keys(self) -> asyncio.Future[list[KeyRecord]]:
+        return self._thread.call(self.queries.list_keys)
+
+    def revoke_key(self, key_id: str) -> asyncio.Future[bool]:
+        return self._thread.call(self.queries.revoke_key, key_id)
+
+    def list_workspaces(self) -> asyncio.Future[list[Workspace]]:
+        return self._thread.call(self.queries.list_workspaces)
+
+    def authenticate(self, key: str) -> asyncio.Future[str | None]:
+        return self._thread.call(self.queries.authenticate, key)
+
+    # ------------------------------------------------------------------ responses
+
+    def create_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        input_items: Sequence[response_pb2.Item],
+        *,
+        request: service_pb2.CreateResponseRequest | None = None,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> asyncio.Future[None]:
+        rows = new_response_rows(
+            workspace_id, response, input_items, request=request, events=events, finished=finished
+        )
+        return self._thread.insert(rows)
+
+    def save_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        *,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> asyncio.Future[bool]:
+        return self._thread.call(
+            self.queries.save_response, workspace_id, response, events=events, finished=finished
+        )
+
+    def append_events(
+        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
+    ) -> asyncio.Future[None]:
+        return self._thread.insert(event_rows(response_id, events))
+
+    def record_usage(self, workspace_id: str, response: response_pb2.Response) -> asyncio.Future[None]:
+        return self._thread.insert(usage_rows(workspace_id, response))
+
+    def get_response(
+        self, workspace_id: str, response_id: str
+    ) -> asyncio.Future[response_pb2.Response | None]:
+        return self._thread.call(self.queries.get_response, workspace_id, response_id)
+
+    def delete_response(self, workspace_id: str, response_id: str) -> asyncio.Future[bool]:
+        return self._thread.call(self.queries.delete_response, workspace_id, response_id)
+
+    def load_context(
+        self, workspace_id: str, response_id: str, *, max_depth: int | None = None
+    ) -> asyncio.Future[list[response_pb2.Item] | None]:
+        return self._thread.call(self.queries.load_context, workspace_id, response_id, max_depth=max_depth)
+
+    def find_items(
+        self, workspace_id: str, item_ids: Sequence[str]
+    ) -> asyncio.Future[dict[str, response_pb2.Item]]:
+        return self._thread.call(self.queries.find_items, workspace_id, item_ids)
+
+    def list_input_items(
+        self, workspace_id: str, response_id: str, *, limit: int, ascending: bool, after: str | None
+    ) -> asyncio.Future[InputItemsPage | None]:
+        return self._thread.call(
+            self.queries.list_input_items,
+            workspace_id,
+            response_id,
+            limit=limit,
+            ascending=ascending,
+            after=after,
+        )
+
+    def events_after(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> asyncio.Future[list[events_pb2.ResponseStreamEvent]]:
+        return self._thread.call(self.queries.events_after, workspace_id, response_id, after)
+
+    def last_sequence_number(self, response_id: str) -> asyncio.Future[int]:
+        return self._thread.call(self.queries.last_sequence_number, response_id)
+
+    def last_terminal_event(self, response_id: str) -> asyncio.Future[events_pb2.ResponseStreamEvent | None]:
+        return self._thread.call(self.queries.last_terminal_event, response_id)
+
+    def pending_responses(self) -> asyncio.Future[list[PendingResponse]]:
+        return self._thread.call(self.queries.pending_responses)
+
+    def usage_totals(
+        self,
+        workspace_id: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        group_by_model: bool = False,
+    ) -> asyncio.Future[list[UsageTotal]]:
+        return self._thread.call(
+            self.queries.usage_totals, workspace_id, since=since, until=until, group_by_model=group_by_model
+        )

@@ -1,0 +1,420 @@
+"""Synchronous access to one SQLite database file: every query and write of the store."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+from sqlite_utils import Database
+
+from venna.backends.store.protocol import (
+    ChainTooDeep,
+    InputItemsPage,
+    KeyRecord,
+    PendingResponse,
+    UnreadableRecord,
+    UsageTotal,
+    Workspace,
+    unreadable_response,
+)
+from venna.backends.store.sqlite.rows import (
+    EVENT_INSERT,
+    INPUT,
+    ITEM_INSERT,
+    OUTPUT,
+    RESPONSE_INSERT,
+    USAGE_INSERT,
+    NewRows,
+    body_without_output,
+    decode,
+    event_tuples,
+    hash_key,
+    insert_rows,
+    is_terminal_event,
+    item_rows,
+    usage_row,
+)
+from venna.backends.store.sqlite.schema import UNFINISHED_STATUSES, migrations, prepare_private_file
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+KEY_PREFIX = "vk_"
+
+
+class Store:
+    """Synchronous access to one SQLite database file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        prepare_private_file(self.path)
+        # Autocommit at the driver level: transactions are explicit (Store._transaction).
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db = Database(conn, execute_plugins=False)
+        self.db.enable_wal()
+        conn.execute("PRAGMA synchronous=NORMAL")  # durable against crashes of the process
+        conn.execute("PRAGMA busy_timeout=5000")  # the CLI may write while the server runs
+        migrations.apply(self.db)
+        self._conn = conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The writes of one method, all or nothing.
+
+        Inside a transaction that is already open (AsyncStore's batch, which gives each call a
+        savepoint of its own) the writes join it; otherwise they get their own.
+        """
+        conn = self._conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # ---------------------------------------------------------------------------- keys
+
+    def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
+        """Creates a key (and the workspace, if new); the plaintext is returned only here."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = int(time.time())
+        with self._transaction():
+            row = self._conn.execute("SELECT id FROM workspaces WHERE name = ?", [workspace_name]).fetchone()
+            if row:
+                workspace_id = row[0]
+            else:
+                workspace_id = "ws_" + secrets.token_hex(12)
+                self._conn.execute(
+                    "INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)",
+                    [workspace_id, workspace_name, now],
+                )
+            record = KeyRecord(
+                id="key_" + secrets.token_hex(8),
+                workspace=workspace_name,
+                hint=key[:7] + "…" + key[-4:],
+                created_at=now,
+                revoked_at=None,
+            )
+            self._conn.execute(
+                "INSERT INTO api_keys (id, workspace_id, key_hash, key_hint, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [record.id, workspace_id, hash_key(key), record.hint, now],
+            )
+        return key, record
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._conn.execute(
+            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
+            " JOIN workspaces w ON w.id = k.workspace_id ORDER BY k.created_at, k.rowid"
+        ).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                [int(time.time()), key_id],
+            )
+        return cursor.rowcount == 1
+
+    def list_workspaces(self) -> list[Workspace]:
+        rows = self._conn.execute("SELECT id, name, created_at FROM workspaces ORDER BY name").fetchall()
+        return [Workspace(*row) for row in rows]
+
+    def authenticate(self, key: str) -> str | None:
+        """The workspace id of a valid, unrevoked key."""
+        if not key.startswith(KEY_PREFIX):
+            return None
+        row = self._conn.execute(
+            "SELECT workspace_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            [hash_key(key)],
+        ).fetchone()
+        return row[0] if row else None
+
+    # ---------------------------------------------------------------------------- responses
+
+    def insert(self, rows: NewRows) -> None:
+        """Inserts new records, all or nothing."""
+        with self._transaction():
+            insert_rows(self._conn, USAGE_INSERT, rows.usage)
+            insert_rows(self._conn, RESPONSE_INSERT, rows.responses)
+            insert_rows(self._conn, ITEM_INSERT, rows.items)
+            insert_rows(self._conn, EVENT_INSERT, rows.events)
+
+    def save_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        *,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> bool:
+        """Updates a stored response and replaces its output; False if it no longer exists.
+
+        ``finished`` drops the kept request (a finished background run is never re-run) and
+        writes the response's usage record, even when the response was deleted meanwhile: its
+        tokens were spent all the same.
+        """
+        with self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE responses SET status = ?, body = ?"
+                + (", request = NULL" if finished else "")
+                + " WHERE id = ? AND workspace_id = ?",
+                [response.status, body_without_output(response), response.id, workspace_id],
+            )
+            if finished:
+                insert_rows(self._conn, USAGE_INSERT, [usage_row(workspace_id, response, int(time.time()))])
+            if cursor.rowcount != 1:
+                return False
+            self._conn.execute("DELETE FROM items WHERE response_id = ? AND kind = ?", [response.id, OUTPUT])
+            insert_rows(self._conn, ITEM_INSERT, item_rows(workspace_id, response.id, (), response.output))
+            insert_rows(self._conn, EVENT_INSERT, event_tuples(response.id, events))
+        return True
+
+    def usage_totals(
+        self,
+        workspace_id: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        group_by_model: bool = False,
+    ) -> list[UsageTotal]:
+        """Totals of the workspace's responses created in [since, until), per model (by name) or
+        as one total; no entry for an empty range."""
+        conditions = ["workspace_id = ?"]
+        parameters: list[object] = [workspace_id]
+        if since is not None:
+            conditions.append("created_at >= ?")
+            parameters.append(since)
+        if until is not None:
+            conditions.append("created_at < ?")
+            parameters.append(until)
+        rows = self._conn.execute(
+            f"SELECT {'model' if group_by_model else 'NULL'}, COUNT(*), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(reasoning_tokens), SUM(cached_tokens),"
+            " SUM(input_tokens + output_tokens)"
+            f" FROM usage WHERE {' AND '.join(conditions)}"
+            + (" GROUP BY model ORDER BY model" if group_by_model else ""),
+            parameters,
+        ).fetchall()
+        return [UsageTotal(*row) for row in rows if row[1]]
+
+    def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        """The stored response with its output; None if unknown in this workspace.
+
+        Raises UnreadableRecord if its body or an output item cannot be decoded.
+        """
+        row = self._conn.execute(
+            "SELECT body, created_at, background FROM responses WHERE id = ? AND workspace_id = ?",
+            [response_id, workspace_id],
+        ).fetchone()
+        if row is None:
+            return None
+        body, created_at, background = row
+        response = decode(response_pb2.Response, body)
+        if response is None:
+            raise UnreadableRecord(response_id, created_at=created_at, background=bool(background))
+        for (item_body,) in self._conn.execute(
+            "SELECT body FROM items WHERE response_id = ? AND kind = ? ORDER BY position",
+            [response_id, OUTPUT],
+        ):
+            try:
+                response.output.add().ParseFromString(item_body)  # in place: no copy
+            except DecodeError:
+                raise UnreadableRecord(
+                    response_id, created_at=created_at, background=bool(background)
+                ) from None
+        return response
+
+    def delete_response(self, workspace_id: str, response_id: str) -> bool:
+        with self._transaction():
+            cursor = self._conn.execute(
+                "DELETE FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._conn.execute("DELETE FROM items WHERE response_id = ?", [response_id])
+            self._conn.execute("DELETE FROM events WHERE response_id = ?", [response_id])
+        return True
+
+    def load_context(
+        self, workspace_id: str, response_id: str, *, max_depth: int | None = None
+    ) -> list[response_pb2.Item] | None:
+        """The conversation up to and including ``response_id``, oldest first.
+
+        Per response: its input items, then its output items; ``None`` if the response is
+        unknown in this workspace. One query, however deep the chain; with ``max_depth``, the
+        query stops one response past that many and raises ChainTooDeep, so that the work a
+        refused chain costs is bounded too. Raises UnreadableRecord if an item of the chain
+        cannot be decoded.
+        """
+        bound = 2**62 if max_depth is None else max_depth
+        rows = self._conn.execute(
+            """
+            WITH RECURSIVE chain(id, previous_id, depth) AS (
+                SELECT id, previous_response_id, 0 FROM responses
+                WHERE id = :id AND workspace_id = :ws
+                UNION ALL
+                SELECT r.id, r.previous_response_id, chain.depth + 1
+                FROM responses r JOIN chain ON r.id = chain.previous_id
+                WHERE r.workspace_id = :ws AND chain.depth < :bound
+            )
+            SELECT chain.depth, chain.id, items.item_id, items.body FROM chain
+            LEFT JOIN items ON items.response_id = chain.id
+            ORDER BY chain.depth DESC, items.kind, items.position
+            """,
+            {"id": response_id, "ws": workspace_id, "bound": bound},
+        ).fetchall()
+        if not rows:
+            return None
+        if max_depth is not None and rows[0][0] >= max_depth:
+            raise ChainTooDeep(max_depth)
+        context: list[response_pb2.Item] = []
+        for _, owner, found_id, body in rows:
+            if body is None:
+                continue
+            item = decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            context.append(item)
+        return context
+
+    def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
+        """Stored items of this workspace by id (for item_reference inputs).
+
+        Raises UnreadableRecord (with its ``item_id``) if one of them cannot be decoded.
+        """
+        if not item_ids:
+            return {}
+        marks = ",".join("?" * len(item_ids))
+        rows = self._conn.execute(
+            "SELECT item_id, response_id, body FROM items"
+            f" WHERE workspace_id = ? AND item_id IN ({marks}) ORDER BY seq",
+            [workspace_id, *item_ids],
+        ).fetchall()
+        found: dict[str, response_pb2.Item] = {}
+        for found_id, owner, body in rows:
+            item = decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            found[found_id] = item
+        return found
+
+    def list_input_items(
+        self,
+        workspace_id: str,
+        response_id: str,
+        *,
+        limit: int,
+        ascending: bool,
+        after: str | None,
+    ) -> InputItemsPage | None:
+        """A page of a response's own input items; None if the response is unknown.
+
+        Raises LookupError if ``after`` is not an input item of the response.
+        """
+        exists = self._conn.execute(
+            "SELECT 1 FROM responses WHERE id = ? AND workspace_id = ?", [response_id, workspace_id]
+        ).fetchone()
+        if exists is None:
+            return None
+        if after is None:
+            bound = -1 if ascending else 2**62
+        else:
+            row = self._conn.execute(
+                "SELECT position FROM items WHERE response_id = ? AND kind = ? AND item_id = ?"
+                " ORDER BY position LIMIT 1",
+                [response_id, INPUT, after],
+            ).fetchone()
+            if row is None:
+                raise LookupError(after)
+            bound = row[0]
+        comparison, direction = (">", "ASC") if ascending else ("<", "DESC")
+        rows = self._conn.execute(
+            f"SELECT body FROM items WHERE response_id = ? AND kind = ? AND position {comparison} ?"
+            f" ORDER BY position {direction} LIMIT ?",
+            [response_id, INPUT, bound, limit + 1],
+        ).fetchall()
+        items: list[response_pb2.Item] = []
+        for (body,) in rows[:limit]:
+            item = decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(response_id)
+            items.append(item)
+        return InputItemsPage(items=items, has_more=len(rows) > limit)
+
+    def events_after(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> list[events_pb2.ResponseStreamEvent]:
+        """The stored events numbered above ``after``, in order.
+
+        Raises UnreadableRecord at the first event that cannot be decoded, with the events
+        before it in ``readable``.
+        """
+        rows = self._conn.execute(
+            "SELECT e.body FROM events e JOIN responses r ON r.id = e.response_id"
+            " WHERE e.response_id = ? AND r.workspace_id = ? AND e.sequence_number > ?"
+            " ORDER BY e.sequence_number",
+            [response_id, workspace_id, after],
+        ).fetchall()
+        events: list[events_pb2.ResponseStreamEvent] = []
+        for (body,) in rows:
+            event = decode(events_pb2.ResponseStreamEvent, body)
+            if event is None:
+                raise UnreadableRecord(response_id, readable=events)
+            events.append(event)
+        return events
+
+    def last_sequence_number(self, response_id: str) -> int:
+        row = self._conn.execute(
+            "SELECT MAX(sequence_number) FROM events WHERE response_id = ?", [response_id]
+        ).fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    def last_terminal_event(self, response_id: str) -> events_pb2.ResponseStreamEvent | None:
+        """The response's last stored event if it ends the stream (completed, incomplete or
+        failed), else None. Raises UnreadableRecord if it is terminal but cannot be decoded."""
+        row = self._conn.execute(
+            "SELECT body FROM events WHERE response_id = ? ORDER BY sequence_number DESC LIMIT 1",
+            [response_id],
+        ).fetchone()
+        if row is None or not is_terminal_event(row[0]):
+            return None
+        event = decode(events_pb2.ResponseStreamEvent, row[0])
+        if event is None:
+            raise UnreadableRecord(response_id)
+        return event
+
+    def pending_responses(self) -> list[PendingResponse]:
+        """Responses left queued or in progress, oldest first (for recovery at start-up).
+
+        A row whose body or request cannot be decoded comes as ``unreadable``, so that one
+        such row never stops recovery of the others.
+        """
+        rows = self._conn.execute(
+            # The statuses are literals, so that SQLite can use the partial index.
+            "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
+            f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, rowid"
+        ).fetchall()
+        pending: list[PendingResponse] = []
+        for response_id, workspace_id, status, background, created_at, body, request in rows:
+            response = decode(response_pb2.Response, body)
+            kept = decode(service_pb2.CreateResponseRequest, request) if request else None
+            unreadable = response is None or (request is not None and kept is None)
+            if response is None:
+                response = unreadable_response(
+                    response_id, created_at, background=bool(background), status=status
+                )
+            pending.append(PendingResponse(workspace_id, response, kept, unreadable=unreadable))
+        return pending

@@ -1,0 +1,283 @@
+"""The storage contract: what the server relies on from any ResponseStore, run against every
+engine (the ``store`` fixture is parametrized by engine; a new engine adds its parameter and
+must pass every test here unchanged)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from venna.backends.store import (
+    ChainTooDeep,
+    ResponseStore,
+    StoreUnavailable,
+    UnreadableRecord,
+    item_id,
+    open_store,
+)
+from venna.backends.store.sqlite import SqliteStore
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+# Each engine: how to open a fresh store in a scratch directory.
+ENGINES: dict[str, Callable[[Path], ResponseStore]] = {
+    "sqlite": lambda scratch: open_store(scratch / "venna.db"),
+}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResponseStore]:
+    opened = ENGINES[str(request.param)](tmp_path)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+async def workspaces(store: ResponseStore) -> tuple[str, str]:
+    """Two workspaces' ids, made through their first keys."""
+    ids = []
+    for name in ("alpha", "beta"):
+        key, _ = await store.create_key(name)
+        workspace_id = await store.authenticate(key)
+        assert workspace_id is not None
+        ids.append(workspace_id)
+    return ids[0], ids[1]
+
+
+_counter = iter(range(10**9))
+
+
+def message(role: int, text: str) -> response_pb2.Item:
+    item = response_pb2.Item()
+    item.message.id = f"msg_{next(_counter):08d}"
+    item.message.role = role  # type: ignore[assignment]
+    if role == response_pb2.ROLE_USER:
+        item.message.content.add().input_text.text = text
+    else:
+        item.message.content.add().output_text.text = text
+    return item
+
+
+def response(
+    text: str,
+    *,
+    previous: str | None = None,
+    status: int = response_pb2.RESPONSE_STATUS_COMPLETED,
+    background: bool = False,
+) -> response_pb2.Response:
+    made = response_pb2.Response(
+        id=f"resp_{next(_counter):08d}", object="response", created_at=1_700_000_000, model="echo"
+    )
+    made.status = status  # type: ignore[assignment]
+    made.background = background
+    if previous is not None:
+        made.previous_response_id = previous
+    made.output.append(message(response_pb2.ROLE_ASSISTANT, text))
+    made.usage.input_tokens, made.usage.output_tokens = 3, 1
+    return made
+
+
+def event(sequence_number: int, kind: str = "in_progress") -> events_pb2.ResponseStreamEvent:
+    made = events_pb2.ResponseStreamEvent(sequence_number=sequence_number)
+    getattr(made, kind).response.id = "resp_x"
+    return made
+
+
+async def stored(
+    store: ResponseStore, workspace: str, text: str, *, previous: str | None = None
+) -> response_pb2.Response:
+    made = response(text, previous=previous)
+    await store.create_response(
+        workspace, made, [message(response_pb2.ROLE_USER, f"say {text}")], finished=True
+    )
+    return made
+
+
+# --------------------------------------------------------------------------- keys
+
+
+async def test_keys_authenticate_until_revoked(store: ResponseStore) -> None:
+    key, record = await store.create_key("alpha")
+    assert key.startswith("vk_") and record.workspace == "alpha" and record.revoked_at is None
+    assert key not in record.hint
+    workspace = await store.authenticate(key)
+    assert workspace is not None
+    second, _ = await store.create_key("alpha")
+    assert await store.authenticate(second) == workspace  # one workspace, two keys
+    assert [item.id for item in await store.list_keys()] == [record.id, (await store.list_keys())[1].id]
+    assert await store.revoke_key(record.id)
+    assert not await store.revoke_key(record.id)  # only once
+    assert await store.authenticate(key) is None
+    assert await store.authenticate(second) == workspace
+    assert await store.authenticate("vk_" + "x" * 43) is None
+    assert await store.authenticate("not a key") is None
+    assert [found.name for found in await store.list_workspaces()] == ["alpha"]
+
+
+# --------------------------------------------------------------------------- responses
+
+
+async def test_a_response_reads_back_as_stored(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await stored(store, alpha, "hello")
+    assert await store.get_response(alpha, made.id) == made
+
+
+async def test_another_workspace_sees_nothing(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    made = await stored(store, alpha, "private")
+    await store.append_events(made.id, [event(0)])
+    assert await store.get_response(beta, made.id) is None
+    assert await store.load_context(beta, made.id) is None
+    assert await store.list_input_items(beta, made.id, limit=10, ascending=True, after=None) is None
+    assert await store.events_after(beta, made.id, -1) == []
+    assert await store.find_items(beta, [item_id(made.output[0])]) == {}
+    assert not await store.delete_response(beta, made.id)
+    assert not await store.save_response(beta, made, finished=True)
+    assert await store.get_response(alpha, made.id) == made  # untouched by all of that
+
+
+async def test_save_replaces_status_and_output_and_appends_events(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = response("", status=response_pb2.RESPONSE_STATUS_QUEUED, background=True)
+    made.ClearField("output")
+    request = service_pb2.CreateResponseRequest(model="echo", background=True)
+    await store.create_response(
+        alpha, made, [message(response_pb2.ROLE_USER, "go")], request=request, events=[event(0)]
+    )
+    assert [pending.response.id for pending in await store.pending_responses()] == [made.id]
+    assert (await store.pending_responses())[0].request == request
+
+    made.status = response_pb2.RESPONSE_STATUS_COMPLETED
+    made.output.append(message(response_pb2.ROLE_ASSISTANT, "done"))
+    assert await store.save_response(alpha, made, events=[event(1), event(2, "completed")], finished=True)
+    assert await store.get_response(alpha, made.id) == made
+    assert [found.sequence_number for found in await store.events_after(alpha, made.id, -1)] == [0, 1, 2]
+    assert [found.sequence_number for found in await store.events_after(alpha, made.id, 0)] == [1, 2]
+    assert await store.last_sequence_number(made.id) == 2
+    terminal = await store.last_terminal_event(made.id)
+    assert terminal is not None and terminal.HasField("completed")
+    assert await store.pending_responses() == []  # finished: nothing to recover
+
+
+async def test_events_stored_twice_are_kept_once(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await stored(store, alpha, "again")
+    await store.append_events(made.id, [event(0), event(1)])
+    await store.append_events(made.id, [event(1), event(2)])
+    assert [found.sequence_number for found in await store.events_after(alpha, made.id, -1)] == [0, 1, 2]
+    assert await store.last_terminal_event(made.id) is None
+    assert await store.last_sequence_number("resp_unknown") == -1
+
+
+async def test_context_is_the_chain_oldest_first(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    first = await stored(store, alpha, "one")
+    second = await stored(store, alpha, "two", previous=first.id)
+    third = await stored(store, alpha, "three", previous=second.id)
+    context = await store.load_context(alpha, third.id)
+    assert context is not None
+    texts = [
+        part.input_text.text or part.output_text.text for item in context for part in item.message.content
+    ]
+    assert texts == ["say one", "one", "say two", "two", "say three", "three"]
+    assert await store.load_context(alpha, "resp_unknown") is None
+    with pytest.raises(ChainTooDeep):
+        await store.load_context(alpha, third.id, max_depth=2)
+    assert await store.load_context(alpha, third.id, max_depth=3) == context
+
+
+async def test_input_items_page_in_both_directions(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = response("listed")
+    inputs = [message(response_pb2.ROLE_USER, f"item {n}") for n in range(5)]
+    await store.create_response(alpha, made, inputs, finished=True)
+    ids = [item_id(item) for item in inputs]
+
+    async def page(ascending: bool, after: str | None, limit: int = 2) -> tuple[list[str], bool]:
+        found = await store.list_input_items(alpha, made.id, limit=limit, ascending=ascending, after=after)
+        assert found is not None
+        return [item_id(item) for item in found.items], found.has_more
+
+    assert await page(True, None) == (ids[:2], True)
+    assert await page(True, ids[1]) == (ids[2:4], True)
+    assert await page(True, ids[3]) == (ids[4:], False)
+    assert await page(False, None) == (ids[::-1][:2], True)
+    assert await page(False, ids[1]) == ([ids[0]], False)
+    with pytest.raises(LookupError):
+        await page(True, "msg_not_there")
+
+
+async def test_items_are_found_by_id(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await stored(store, alpha, "find me")
+    wanted = item_id(made.output[0])
+    found = await store.find_items(alpha, [wanted, "msg_missing"])
+    assert list(found) == [wanted] and found[wanted] == made.output[0]
+    assert await store.find_items(alpha, []) == {}
+
+
+async def test_delete_removes_the_response_and_keeps_its_usage(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await stored(store, alpha, "gone")
+    assert await store.delete_response(alpha, made.id)
+    assert await store.get_response(alpha, made.id) is None
+    assert await store.events_after(alpha, made.id, -1) == []
+    assert not await store.delete_response(alpha, made.id)
+    (total,) = await store.usage_totals(alpha)
+    assert (total.responses, total.input_tokens, total.output_tokens) == (1, 3, 1)
+
+
+async def test_usage_totals_by_model_and_time(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    for model, created_at in (("a", 100), ("b", 200), ("b", 300)):
+        made = response("x")
+        made.model, made.created_at = model, created_at
+        await store.record_usage(alpha, made)
+    by_model = await store.usage_totals(alpha, group_by_model=True)
+    assert [(total.model, total.responses) for total in by_model] == [("a", 1), ("b", 2)]
+    (window,) = await store.usage_totals(alpha, since=150, until=300)
+    assert window.responses == 1 and window.total_tokens == 4
+    assert await store.usage_totals(alpha, since=1000) == []
+    assert await store.usage_totals(beta) == []
+
+
+async def test_concurrent_writes_each_succeed_or_fail_alone(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = [response(f"r{n}") for n in range(20)]
+    duplicate = made[3]
+    results = await asyncio.gather(
+        *(store.create_response(alpha, one, [], finished=True) for one in made),
+        store.create_response(alpha, duplicate, [], finished=True),  # the same id again: refused
+        return_exceptions=True,
+    )
+    assert results[:-1] == [None] * 20
+    assert isinstance(results[-1], Exception)
+    for one in made:
+        assert await store.get_response(alpha, one.id) == one
+
+
+async def test_an_undecodable_record_fails_only_its_own_calls(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    good = await stored(store, alpha, "fine")
+    bad = response("bad")
+    # Nested past protobuf's parse limit: it serializes, but cannot be read back.
+    schema = bad.text.format.json_schema.schema
+    for _ in range(120):
+        schema = schema.fields["inner"].struct_value
+    await store.create_response(alpha, bad, [], finished=True)
+    with pytest.raises(UnreadableRecord) as caught:
+        await store.get_response(alpha, bad.id)
+    assert caught.value.response_id == bad.id
+    assert await store.get_response(alpha, good.id) == good
+    assert await store.pending_responses() == []
+
+
+def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "not.db"
+    path.write_bytes(b"this is not a database" * 200)
+    with pytest.raises(StoreUnavailable, match=r"not\.db"):
+        SqliteStore(path)
