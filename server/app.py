@@ -18,13 +18,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from venna.backends.store import open_store
 from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
+from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH
 from venna.server.routing import Router, default_router
 from venna.server.runner import BackgroundRunner
-from venna.server.service import (
-    DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
-    DEFAULT_MAX_CHAIN_DEPTH,
-    ResponsesService,
-)
+from venna.server.service import ResponsesService
 from venna.server.usage import UsageService
 from venna.server.validation import Limits, check_limits
 

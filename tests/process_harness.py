@@ -31,7 +31,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
-from venna.server.builder import new_id
+from venna.server.ids import new_id
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_LINE = re.compile(r"gRPC on (\S+), HTTP on (http://\S+)/v1,")

@@ -30,7 +30,8 @@ from venna.backends.store.sqlite.queries import Store
 from venna.backends.store.sqlite.rows import new_response_rows
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 from venna.server.app import VennaServer
-from venna.server.builder import ResponseBuilder, new_id
+from venna.server.builder import ResponseBuilder
+from venna.server.ids import new_id
 
 SLOW = "echo:delay_ms=40"
 TEN_WORDS = "one two three four five six seven eight nine ten"
@@ -474,7 +475,7 @@ async def test_recovery_settles_a_stream_that_ended_from_its_last_event(tmp_path
 
 
 async def test_a_chain_deeper_than_the_limit_is_refused(venna: Venna) -> None:
-    venna.server.service.max_chain_depth = 3
+    venna.server.service.creation.max_chain_depth = 3
     previous = None
     for turn in range(4):  # the fourth has three responses before it: the limit
         fields: dict[str, str] = {} if previous is None else {"previous_response_id": previous}
@@ -495,9 +496,7 @@ async def test_a_chain_deeper_than_the_limit_is_refused(venna: Venna) -> None:
 @contextlib.asynccontextmanager
 async def limited(db_path: Path, **service_limits: int) -> AsyncIterator[VennaServer]:
     """A started server whose service has ``service_limits`` from before its recovery ran."""
-    server = VennaServer(start_config(db_path, background_concurrency=1))
-    for name, value in service_limits.items():
-        setattr(server.service, name, value)
+    server = VennaServer(start_config(db_path, background_concurrency=1, **service_limits))
     await server.start()
     try:
         yield server
@@ -509,7 +508,7 @@ async def test_background_responses_per_workspace_are_capped(tmp_path: Path) -> 
     db_path = tmp_path / "venna.db"
     words = " ".join(["word"] * 200)
     async with serving(db_path, background_concurrency=1) as venna:
-        venna.server.service.max_background_per_workspace = 2
+        venna.server.service.creation.max_background_per_workspace = 2
         first = await venna.alpha.create(input=words, model="echo:delay_ms=20", background=True)
         await venna.alpha.create(input=words, model="echo:delay_ms=20", background=True)
         with contextlib.closing(sqlite3.connect(db_path)) as db:

@@ -7,7 +7,7 @@ import re
 import time
 import warnings
 
-from venna.server.builder import new_id
+from venna.server.ids import new_id
 
 _SHAPE = re.compile(r"resp_[0-9a-f]{48}")
 

@@ -17,7 +17,7 @@ from venna.backends.store.sqlite.queries import Store
 from venna.backends.store.sqlite.rows import NewRows, new_response_rows
 from venna.backends.store.sqlite.writer import AsyncStore
 from venna.responses.v1 import response_pb2
-from venna.server.builder import new_id
+from venna.server.ids import new_id
 
 
 def _insert_then_fail(store: Store, name: str) -> None:
