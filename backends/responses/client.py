@@ -1,0 +1,231 @@
+"""An OpenAI-compatible Responses endpoint as a backend: a stateful API on a stateless upstream.
+
+One client serves any upstream that speaks ``POST /responses`` (OpenAI, Venice.ai, a
+self-hosted vLLM): ``dialect`` picks Venice's nested tool shapes or OpenAI's flat ones, and
+``accepts`` lists the generation settings the upstream honours, so that the others are refused
+with a 400 instead of being dropped on the way. Venice is a preset of it (backends/venice.py).
+
+The upstream keeps nothing, so every call sends the full rebuilt context; ``instructions``
+become a leading system message; Venna's own fields (store, background, metadata,
+previous_response_id) never go up. Venice's dialect is translated both ways: nested function
+tools and tool_choice going up; ``response.reasoning.delta``, plain-string reasoning summaries,
+``response.web_search.done`` and ``[DONE]`` coming down. The upstream is always asked to stream,
+so there is one translation path, and the first event reaches the client as early as possible.
+
+Failures are mapped to Venna's error kinds: the caller's mistakes stay 400s with the upstream's
+message, our own key's rejection is a server-side error (never the caller's 401), rate limits
+carry the upstream's retry hint. Connect errors, 429, 502, 503 and 504 are retried with
+exponential backoff and jitter — only before anything has been produced, and never other 4xx,
+which upstreams such as Venice count against the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+
+from venna.backends import base
+from venna.backends.responses.errors import retry_after_seconds, truncated, upstream_error
+from venna.backends.responses.requests import upstream_model, upstream_request
+from venna.backends.responses.streams import StreamTranslator, sse_events, whole_response_events
+
+DIALECTS = ("venice", "openai")
+# What each dialect's upstream honours by default.
+DEFAULT_ACCEPTS = {
+    # Venice takes every optional setting but logprobs (its parts have none) and max_tool_calls.
+    "venice": base.OPTIONAL_SETTINGS - {"top_logprobs", "max_tool_calls"},
+    "openai": frozenset(
+        {"temperature", "top_p", "max_output_tokens", "prompt_cache_key", "reasoning", "tools", "tool_choice"}
+    ),
+}
+_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+# A Retry-After longer than this is handed to the caller rather than waited out.
+_MAX_RETRY_WAIT = 10.0
+# How long a finished stream may take to send its closing [DONE] before the connection is dropped.
+_DRAIN_SECONDS = 2.0
+
+
+class ResponsesUpstream:
+    """Serves ``<prefix><upstream-model>`` through one pooled HTTP client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        *,
+        prefix: str,
+        dialect: str = "openai",
+        accepts: frozenset[str] | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 3,
+        backoff_base: float = 0.25,
+    ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+        unknown = (accepts or frozenset()) - base.OPTIONAL_SETTINGS
+        if unknown:
+            raise ValueError(
+                f"unknown settings in accepts: {', '.join(sorted(unknown))}; "
+                f"expected some of {', '.join(sorted(base.OPTIONAL_SETTINGS))}"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.prefix = prefix
+        self.dialect = dialect
+        self.accepts = DEFAULT_ACCEPTS[dialect] if accepts is None else accepts
+        self._api_key = api_key
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._draining: set[asyncio.Task[None]] = set()
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    def validate(self, request: base.GenerationRequest) -> None:
+        if not self._api_key:
+            raise base.BackendError(
+                base.ErrorKind.UNAVAILABLE,
+                f"'{self.prefix}' models are not configured on this gateway (no upstream API key is set).",
+                code="server_error",
+            )
+        if not upstream_model(request.model, self.prefix):
+            raise base.BackendError(
+                base.ErrorKind.INVALID_REQUEST,
+                f"Invalid 'model': expected '{self.prefix}<model>', got '{request.model}'.",
+                code="invalid_value",
+                param="model",
+            )
+        base.refuse_unaccepted(request, self.accepts)
+        if request.settings.text_format_kind not in (None, "text"):
+            raise base.BackendError(
+                base.ErrorKind.INVALID_REQUEST,
+                "Structured output ('text.format' other than 'text') is not supported by this "
+                "upstream's Responses API.",
+                code="unsupported_parameter",
+                param="text.format",
+            )
+
+    async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
+        body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
+        response = await self._open(body)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            events = whole_response_events(response)  # an upstream that answered unstreamed
+        else:
+            events = sse_events(response)
+        translator = StreamTranslator()
+        try:
+            async for event_type, payload in events:
+                for event in translator.translate(event_type, payload):
+                    yield event
+                if translator.finished:
+                    return
+            if not translator.finished:
+                raise truncated()
+        except httpx.TimeoutException:
+            raise base.BackendError(
+                base.ErrorKind.TIMEOUT, "The upstream model timed out.", code="server_error"
+            ) from None
+        except httpx.HTTPError as error:
+            raise base.BackendError(
+                base.ErrorKind.UNAVAILABLE, f"The upstream stream failed: {error}.", code="server_error"
+            ) from None
+        finally:
+            if translator.finished:
+                # Read the rest ([DONE]) off the critical path, so the connection goes back to
+                # the pool instead of being dropped.
+                task = asyncio.get_running_loop().create_task(_drain(events, response))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            else:
+                # Closing the response closes the upstream connection: cancellation reaches Venice.
+                # Shielded, so that a second cancellation cannot leave the request half-closed
+                # (and the upstream generating, and billing, for nobody).
+                closing = asyncio.get_running_loop().create_task(_close(events, response))
+                self._draining.add(closing)
+                closing.add_done_callback(self._draining.discard)
+                await asyncio.shield(closing)
+
+    async def aclose(self) -> None:
+        if self._draining:
+            await asyncio.wait(set(self._draining))
+        await self._client.aclose()
+
+    async def _open(self, body: dict[str, Any]) -> httpx.Response:
+        """Starts the upstream stream, retrying what is safe to retry; raises mapped errors."""
+        headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
+        for attempt in range(1, self._max_attempts + 1):
+            last = attempt == self._max_attempts
+            try:
+                request = self._client.build_request(
+                    "POST", f"{self.base_url}/responses", json=body, headers=headers
+                )
+                response = await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                # Nothing reached the upstream: safe to try again.
+                if last:
+                    raise base.BackendError(
+                        base.ErrorKind.UNAVAILABLE,
+                        f"Cannot reach the upstream model: {error}.",
+                        code="server_error",
+                    ) from None
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            except httpx.TimeoutException:
+                # The upstream may be working (and billing) on it: never send it twice.
+                raise base.BackendError(
+                    base.ErrorKind.TIMEOUT, "The upstream model did not answer in time.", code="server_error"
+                ) from None
+            except httpx.TransportError as error:
+                raise base.BackendError(
+                    base.ErrorKind.UNAVAILABLE,
+                    f"The upstream connection failed: {error}.",
+                    code="server_error",
+                ) from None
+            if response.is_success:
+                return response
+            await response.aread()
+            await response.aclose()
+            retry_after = retry_after_seconds(response)
+            if response.status_code in _RETRIED_STATUSES and not last:
+                wait = self._backoff(attempt, retry_after)
+                if wait <= _MAX_RETRY_WAIT:
+                    await asyncio.sleep(wait)
+                    continue
+            raise upstream_error(response, retry_after)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        delay: float = self._backoff_base * 2 ** (attempt - 1)
+        return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+async def _close(
+    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
+) -> None:
+    try:
+        await events.aclose()
+    finally:
+        await response.aclose()
+
+
+async def _drain(
+    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
+) -> None:
+    """Reads a finished stream to the end of its body (briefly): only a fully read response
+    returns its connection to the pool."""
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in events:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    finally:
+        await events.aclose()
+        await response.aclose()
