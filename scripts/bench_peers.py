@@ -42,19 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench import (
-    Bench,
-    LoadResult,
-    LoadSpec,
-    Profile,
-    Row,
-    SectionResult,
-    alternate,
-    machine_info,
-    median,
-    render_table,
-    summarize,
-)
+from benchkit.config import Profile, Row, SectionResult
+from benchkit.load import LoadResult, LoadSpec
+from benchkit.measure import alternate, summarize
+from benchkit.processes import Bench
+from benchkit.report import machine_info, render_table
+from benchkit.stats import median
 
 # LiteLLM's proxy refuses to start without a master key; any long one will do on loopback.
 LITELLM_KEY = "sk-bench-0123456789abcdef0123456789"
