@@ -17,7 +17,7 @@ from venna.gateway_http.client import CallError
 QUOTE_CHARS = 100
 NO_RETRY = {"x-should-retry": "false"}
 
-# gRPC status -> (HTTP status, OpenAI error type); as in DESIGN.md's table.
+# gRPC status -> (HTTP status, OpenAI error type): the statuses OpenAI's API answers with.
 HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
