@@ -25,9 +25,9 @@ from tests.conftest import Venna, error_info, event_type, make_request, output_t
 from tests.http_harness import HttpVenna
 from tests.test_background import wait_for_status
 from venna.backends.store import UNREADABLE_MESSAGE
+from venna.backends.store.records import new_response_rows
 from venna.backends.store.sqlite import SqliteStore
 from venna.backends.store.sqlite.queries import Store
-from venna.backends.store.sqlite.rows import new_response_rows
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb2_grpc
 from venna.server.app import VennaServer
 from venna.server.builder import ResponseBuilder

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from venna.backends.store.records import NewRows, new_response_rows
 from venna.backends.store.sqlite.queries import Store
-from venna.backends.store.sqlite.rows import NewRows, new_response_rows
 from venna.backends.store.sqlite.writer import AsyncStore
 from venna.responses.v1 import response_pb2
 from venna.server.ids import new_id

@@ -19,8 +19,8 @@ from sqlite_utils import Database
 
 from tests.conftest import Client, Venna, error_info, make_request, serving
 from tests.test_background import wait_for_status
+from venna.backends.store.records import new_response_rows
 from venna.backends.store.sqlite.queries import Store
-from venna.backends.store.sqlite.rows import new_response_rows
 from venna.backends.store.sqlite.schema import migrations
 from venna.cli import commands as cli
 from venna.responses.v1 import events_pb2, response_pb2, usage_pb2, usage_pb2_grpc

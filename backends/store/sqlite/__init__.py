@@ -21,8 +21,8 @@ from venna.backends.store.protocol import (
     UsageTotal,
     Workspace,
 )
+from venna.backends.store.records import event_rows, new_response_rows, usage_rows
 from venna.backends.store.sqlite.queries import Store
-from venna.backends.store.sqlite.rows import event_rows, new_response_rows, usage_rows
 from venna.backends.store.sqlite.writer import AsyncStore
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 

@@ -22,22 +22,24 @@ from venna.backends.store.protocol import (
     Workspace,
     unreadable_response,
 )
-from venna.backends.store.sqlite.rows import (
-    EVENT_INSERT,
+from venna.backends.store.records import (
     INPUT,
-    ITEM_INSERT,
     OUTPUT,
-    RESPONSE_INSERT,
-    USAGE_INSERT,
     NewRows,
     body_without_output,
     decode,
     event_tuples,
     hash_key,
-    insert_rows,
     is_terminal_event,
     item_rows,
     usage_row,
+)
+from venna.backends.store.sqlite.rows import (
+    EVENT_INSERT,
+    ITEM_INSERT,
+    RESPONSE_INSERT,
+    USAGE_INSERT,
+    insert_rows,
 )
 from venna.backends.store.sqlite.schema import UNFINISHED_STATUSES, migrations, prepare_private_file
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2

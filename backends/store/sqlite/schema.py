@@ -13,7 +13,8 @@ from sqlite_utils.migrations import Migrations
 from venna.backends.store.protocol import (
     unreadable_response,
 )
-from venna.backends.store.sqlite.rows import USAGE_INSERT, decode, insert_rows, usage_row
+from venna.backends.store.records import decode, usage_row
+from venna.backends.store.sqlite.rows import USAGE_INSERT, insert_rows
 from venna.responses.v1 import response_pb2
 
 migrations = Migrations("venna")

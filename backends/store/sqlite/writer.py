@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from venna.backends.store.records import NewRows
 from venna.backends.store.sqlite.queries import Store
-from venna.backends.store.sqlite.rows import NewRows
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,167 @@
+"""Records as every engine stores them: protobuf bodies, the rows of new records (built at the
+call, so that what is written is the records as they were then), key hashes, and decoding that
+fails per record."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from venna.backends.store.protocol import (
+    item_id,
+)
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+INPUT, OUTPUT = 0, 1
+
+_M = TypeVar("_M", bound=Message)
+
+
+def decode(message_type: type[_M], body: bytes) -> _M | None:
+    """The decoded message, or None if ``body`` cannot be decoded."""
+    try:
+        return message_type.FromString(body)
+    except DecodeError:
+        return None
+
+
+# The members of ResponseStreamEvent's union that end a response's stream.
+_TERMINAL_EVENT_FIELDS = frozenset(
+    events_pb2.ResponseStreamEvent.DESCRIPTOR.fields_by_name[name].number
+    for name in ("completed", "incomplete", "failed")
+)
+
+
+def is_terminal_event(body: bytes) -> bool:
+    """Whether a stored event is terminal, read from its top-level fields only: this works
+    even when the event's snapshot is nested too deeply to decode."""
+    try:
+        shallow = empty_pb2.Empty.FromString(body)  # every field is unknown, none is descended into
+    except DecodeError:
+        return False
+    fields = UnknownFieldSet(shallow)
+    return any(fields[index].field_number in _TERMINAL_EVENT_FIELDS for index in range(len(fields)))
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256-bit random strings, so a fast unsalted hash cannot be brute-forced.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# A usage record's status by the response's: "completed", "failed", ...
+_STATUS_NAMES = {
+    value: name.removeprefix("RESPONSE_STATUS_").lower()
+    for name, value in response_pb2.ResponseStatus.items()
+}
+
+
+def usage_row(
+    workspace_id: str, response: response_pb2.Response, finished_at: int
+) -> tuple[str, str, str, str, int, int, int, int, int, int]:
+    usage = response.usage
+    return (
+        response.id,
+        workspace_id,
+        response.model,
+        _STATUS_NAMES[response.status],
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.output_tokens_details.reasoning_tokens,
+        usage.input_tokens_details.cached_tokens,
+        response.created_at,
+        finished_at,
+    )
+
+
+@dataclass(slots=True)
+class NewRows:
+    """Rows of new records, built by the caller and inserted by an engine in one go.
+
+    Only inserts of records nobody can know of yet (a new response, its items and events, a
+    usage record), so that inserts queued together can be merged into one statement per table
+    without changing what anyone reads.
+    """
+
+    usage: list[tuple[object, ...]] = field(default_factory=list)
+    responses: list[tuple[object, ...]] = field(default_factory=list)
+    items: list[tuple[object, ...]] = field(default_factory=list)
+    events: list[tuple[object, ...]] = field(default_factory=list)
+
+    def add(self, other: NewRows) -> None:
+        self.usage += other.usage
+        self.responses += other.responses
+        self.items += other.items
+        self.events += other.events
+
+
+def new_response_rows(
+    workspace_id: str,
+    response: response_pb2.Response,
+    input_items: Sequence[response_pb2.Item],
+    *,
+    request: service_pb2.CreateResponseRequest | None = None,
+    events: Sequence[events_pb2.ResponseStreamEvent] = (),
+    finished: bool = False,
+) -> NewRows:
+    """The rows of a new response with its input and output items (and, for background runs,
+    its request and first events); ``finished`` adds its usage record."""
+    return NewRows(
+        usage=[usage_row(workspace_id, response, int(time.time()))] if finished else [],
+        responses=[
+            (
+                response.id,
+                workspace_id,
+                response.previous_response_id if response.HasField("previous_response_id") else None,
+                response.status,
+                int(response.background),
+                response.created_at,
+                body_without_output(response),
+                request.SerializeToString() if request is not None else None,
+            )
+        ],
+        items=item_rows(workspace_id, response.id, input_items, response.output),
+        events=event_tuples(response.id, events),
+    )
+
+
+def usage_rows(workspace_id: str, response: response_pb2.Response) -> NewRows:
+    """The usage record of a finished response that is not stored (``store: false``)."""
+    return NewRows(usage=[usage_row(workspace_id, response, int(time.time()))])
+
+
+def item_rows(
+    workspace_id: str,
+    response_id: str,
+    input_items: Sequence[response_pb2.Item],
+    output_items: Sequence[response_pb2.Item],
+) -> list[tuple[object, ...]]:
+    return [
+        (workspace_id, response_id, item_id(item), kind, position, item.SerializeToString())
+        for kind, items in ((INPUT, input_items), (OUTPUT, output_items))
+        for position, item in enumerate(items)
+    ]
+
+
+def event_rows(response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]) -> NewRows:
+    """Stream events of a stored response, in addition to those it has."""
+    return NewRows(events=event_tuples(response_id, events))
+
+
+def event_tuples(
+    response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
+) -> list[tuple[object, ...]]:
+    return [(response_id, event.sequence_number, event.SerializeToString()) for event in events]
+
+
+def body_without_output(response: response_pb2.Response) -> bytes:
+    body = response_pb2.Response()
+    body.CopyFrom(response)
+    body.ClearField("output")
+    return body.SerializeToString()
