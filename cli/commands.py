@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import venna
-from venna.backends.store import ResponseStore, StoreUnavailable, UsageTotal, open_store, sum_usage
+from venna.backends.store import ResponseStore, StoreUnavailable, UsageTotal, describe, open_store, sum_usage
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
@@ -68,7 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--db",
             default=_env("VENNA_DB", str(DEFAULTS.db_path)),
-            help="SQLite database file (env VENNA_DB; default ./venna.db)",
+            help="the store: a SQLite file, or a postgresql:// URL (env VENNA_DB; default ./venna.db)",
         )
 
     serve_command = commands.add_parser("serve", help="run the gRPC server")
@@ -316,7 +316,7 @@ def _serve_config(options: argparse.Namespace) -> ServerConfig:
     """The server's settings from ``venna serve``'s flags; ValueError names a bad one."""
     return ServerConfig(
         grpc_listen=options.grpc_listen,
-        db_path=Path(options.db),
+        db_path=options.db,
         shutdown_grace=options.shutdown_grace,
         background_concurrency=options.background_concurrency,
         routing_config=options.config,
@@ -390,7 +390,10 @@ async def serve(
         raise SettingError(str(error)) from None
     try:
         await server.start()
-    except (OSError, ValueError, StoreUnavailable) as error:
+    except StoreUnavailable as error:
+        await server.stop(0)
+        raise SettingError(f"--db {error}") from None
+    except (OSError, ValueError) as error:
         await server.stop(0)
         raise SettingError(str(error)) from None
     http = None
@@ -411,11 +414,11 @@ async def serve(
             raise SettingError(f"--http-listen {error}") from None
     where = f", HTTP on http://{http.address}/v1" if http else ""
     _freeze_startup_objects()
-    print(f"venna: gRPC on {server.address}{where}, database {config.db_path}", flush=True)
+    print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}", flush=True)
     await wait_for_signal()
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
     await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
-    server.close()
+    await server.close()
 
 
 async def serve_http(
@@ -551,6 +554,7 @@ async def store_command(options: argparse.Namespace) -> int:
     """``venna keys …`` and ``venna usage``: the store's maintenance, without a server."""
     try:
         store = open_store(options.db)
+        await store.open()
     except StoreUnavailable as error:
         print(f"venna: --db {error}", file=sys.stderr)
         return 2
@@ -579,7 +583,7 @@ async def store_command(options: argparse.Namespace) -> int:
                 return 1
             print(f"revoked {options.key_id}", file=sys.stderr)
     finally:
-        store.close()
+        await store.close()
     return 0
 
 

@@ -34,7 +34,8 @@ USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_
 @dataclass(slots=True)
 class ServerConfig:
     grpc_listen: str = "127.0.0.1:50051"
-    db_path: Path = field(default_factory=lambda: Path("venna.db"))
+    # A SQLite file, or a postgresql:// URL.
+    db_path: str | Path = field(default_factory=lambda: Path("venna.db"))
     # Seconds in-flight calls and background responses get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     background_concurrency: int = 64
@@ -198,6 +199,7 @@ class VennaServer:
         self.port = 0
 
     async def start(self) -> None:
+        await self.store.open()
         try:
             self.port = self.server.add_insecure_port(self.config.grpc_listen)
         except RuntimeError:
@@ -227,12 +229,12 @@ class VennaServer:
         await self.service.drain()
         await self.router.aclose()
 
-    def close(self) -> None:
-        self.store.close()
+    async def close(self) -> None:
+        await self.store.close()
 
     async def stop(self, grace: float | None = None) -> None:
         await self.drain(grace)
-        self.close()
+        await self.close()
 
 
 async def wait_for_signal() -> None:

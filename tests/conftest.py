@@ -18,7 +18,7 @@ from venna.responses.v1 import events_pb2, response_pb2, service_pb2, service_pb
 from venna.server.app import ServerConfig, VennaServer
 from venna.server.routing import Router
 
-pytest_plugins = ["tests.http_harness", "tests.fake_venice"]
+pytest_plugins = ["tests.http_harness", "tests.fake_venice", "tests.postgres_harness"]
 
 
 @dataclass

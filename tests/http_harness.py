@@ -75,7 +75,7 @@ class HttpVenna(LoopThread):
             await asyncio.gather(http.stop(), server.drain(grace=0.5))
             if channel is not None:
                 await channel.close(grace=None)
-            server.close()
+            await server.close()
 
         return shutdown
 

@@ -51,7 +51,7 @@ def status_name(status: int) -> str:
     return response_pb2.ResponseStatus.Name(status).removeprefix("RESPONSE_STATUS_").lower()  # type: ignore[arg-type]
 
 
-def create_key(db: Path, workspace: str) -> str:
+def create_key(db: str | Path, workspace: str) -> str:
     """A new key from `venna keys create`, as an operator makes one."""
     created = subprocess.run(
         [sys.executable, "-m", "venna.cli", "keys", "create", "--workspace", workspace, "--db", str(db)],
@@ -107,7 +107,7 @@ class ServeProcess:
             self.process.stdout.close()
 
 
-def spawn_serve(db: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def spawn_serve(db: str | Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     """`venna serve` on free loopback ports; its log (stderr) is appended to ``log_path``."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -157,7 +157,7 @@ def log_tail(log_path: Path, lines: int = 30) -> str:
         return ""
 
 
-def start_serve(db: Path, log_path: Path, *extra: str, timeout: float = 30.0) -> ServeProcess:
+def start_serve(db: str | Path, log_path: Path, *extra: str, timeout: float = 30.0) -> ServeProcess:
     """A started `venna serve`; raises StartFailed (with its log's tail) if it does not start."""
     process = spawn_serve(db, log_path, *extra)
     match = None
@@ -177,7 +177,7 @@ def start_serve(db: Path, log_path: Path, *extra: str, timeout: float = 30.0) ->
 
 
 @contextlib.contextmanager
-def serving(db: Path, log_path: Path, *extra: str) -> Iterator[ServeProcess]:
+def serving(db: str | Path, log_path: Path, *extra: str) -> Iterator[ServeProcess]:
     """start_serve, and the process killed at the end whatever happened."""
     server = start_serve(db, log_path, *extra)
     try:

@@ -244,5 +244,5 @@ async def test_a_second_server_cannot_take_a_busy_port(tmp_path: Path) -> None:
         second = VennaServer(ServerConfig(grpc_listen=venna.server.address, db_path=tmp_path / "two.db"))
         with pytest.raises(OSError, match="cannot listen"):
             await second.start()
-        second.close()
+        await second.close()
         assert (await venna.alpha.create(input="still here")).status == response_pb2.RESPONSE_STATUS_COMPLETED

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres_harness import PostgresServer
 from venna.backends.store import (
     ChainTooDeep,
     ResponseStore,
@@ -21,19 +22,21 @@ from venna.backends.store import (
 from venna.backends.store.sqlite import SqliteStore
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
-# Each engine: how to open a fresh store in a scratch directory.
-ENGINES: dict[str, Callable[[Path], ResponseStore]] = {
-    "sqlite": lambda scratch: open_store(scratch / "venna.db"),
+# Each engine: where a fresh store is (a scratch directory, or a new PostgreSQL database).
+ENGINES: dict[str, Callable[[pytest.FixtureRequest], str | Path]] = {
+    "sqlite": lambda request: request.getfixturevalue("tmp_path") / "venna.db",
+    "postgresql": lambda request: str(request.getfixturevalue("postgres_url")),
 }
 
 
 @pytest.fixture(params=sorted(ENGINES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResponseStore]:
-    opened = ENGINES[str(request.param)](tmp_path)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResponseStore]:
+    opened = open_store(ENGINES[str(request.param)](request))
+    await opened.open()
     try:
         yield opened
     finally:
-        opened.close()
+        await opened.close()
 
 
 async def workspaces(store: ResponseStore) -> tuple[str, str]:
@@ -274,6 +277,14 @@ async def test_an_undecodable_record_fails_only_its_own_calls(store: ResponseSto
     assert caught.value.response_id == bad.id
     assert await store.get_response(alpha, good.id) == good
     assert await store.pending_responses() == []
+
+
+async def test_an_unreachable_server_is_refused_clearly(postgres_server: PostgresServer) -> None:
+    store = open_store(f"postgresql://venna:secret@127.0.0.1:{postgres_server.port}/no_such_database")
+    with pytest.raises(StoreUnavailable, match=r"venna:\*\*\*@") as caught:
+        await store.open()
+    assert "secret" not in str(caught.value)
+    await store.close()
 
 
 def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> None:

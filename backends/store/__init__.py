@@ -35,6 +35,7 @@ __all__ = [
     "UnreadableRecord",
     "UsageTotal",
     "Workspace",
+    "describe",
     "item_id",
     "open_store",
     "sum_usage",
@@ -43,8 +44,26 @@ __all__ = [
 
 
 def open_store(location: str | Path) -> ResponseStore:
-    """The store at ``location``: a SQLite file path (created if missing, migrated to the
-    current schema). Raises StoreUnavailable, or OSError for a path it cannot create."""
+    """The store at ``location``: a ``postgresql://`` URL, or a SQLite file path (created if
+    missing). Await its ``open()`` before use. Raises StoreUnavailable, or OSError for a file
+    it cannot create."""
+    if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+        from venna.backends.store.postgres import PostgresStore
+
+        return PostgresStore(location)
     from venna.backends.store.sqlite import SqliteStore
 
     return SqliteStore(location)
+
+
+def describe(location: str | Path) -> str:
+    """``location`` as messages and logs may show it: a URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = str(location)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))

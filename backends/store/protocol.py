@@ -268,6 +268,13 @@ class ResponseStore(Protocol):
         one total; none for an empty range."""
         ...
 
-    def close(self) -> None:
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> Awaitable[None]:
+        """Connects and brings the schema up to date; before any other call. Raises
+        StoreUnavailable if the store cannot be reached or is not a Venna store."""
+        ...
+
+    def close(self) -> Awaitable[None]:
         """Finishes the writes already queued, then releases the store."""
         ...

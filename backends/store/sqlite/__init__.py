@@ -43,8 +43,12 @@ class SqliteStore:
         self.queries = queries
         self._thread = AsyncStore(queries)
 
-    def close(self) -> None:
-        self._thread.close()
+    async def open(self) -> None:
+        """Nothing more to do: the file was opened and migrated when this store was made."""
+
+    async def close(self) -> None:
+        # Joining the store's thread waits for the writes queued before: off the event loop.
+        await asyncio.to_thread(self._thread.close)
 
     # ------------------------------------------------------------------ keys and workspaces
 

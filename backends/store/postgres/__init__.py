@@ -1,0 +1,539 @@
+"""The store on PostgreSQL (asyncpg), for several replicas sharing one state.
+
+Reads go straight to a connection pool. Writes go through one writer task per process, which
+takes every write queued meanwhile and commits them in one transaction (group commit, each
+commit durable): consecutive inserts of new records are merged into one statement per table.
+Should a batch fail, its writes are run again one by one, each in its own transaction, so that
+a failing write fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from venna.backends.store import describe
+from venna.backends.store.postgres.schema import UNFINISHED_STATUSES, Connection, migrate
+from venna.backends.store.protocol import (
+    ChainTooDeep,
+    InputItemsPage,
+    KeyRecord,
+    PendingResponse,
+    StoreUnavailable,
+    UnreadableRecord,
+    UsageTotal,
+    Workspace,
+    unreadable_response,
+)
+from venna.backends.store.records import (
+    INPUT,
+    OUTPUT,
+    NewRows,
+    body_without_output,
+    decode,
+    event_rows,
+    hash_key,
+    is_terminal_event,
+    item_rows,
+    new_response_rows,
+    usage_row,
+    usage_rows,
+)
+from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+
+__all__ = ["PostgresStore"]
+
+KEY_PREFIX = "vk_"
+_T = TypeVar("_T")
+# A write: new rows to insert, or a function of the connection (run inside the batch's
+# transaction).
+_Write = NewRows | Callable[[Connection], Awaitable[Any]]
+
+_USAGE_UPSERT = (
+    "INSERT INTO usage (response_id, workspace_id, model, status, input_tokens, output_tokens,"
+    " reasoning_tokens, cached_tokens, created_at, finished_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " ON CONFLICT (response_id) DO UPDATE SET workspace_id = EXCLUDED.workspace_id,"
+    " model = EXCLUDED.model, status = EXCLUDED.status, input_tokens = EXCLUDED.input_tokens,"
+    " output_tokens = EXCLUDED.output_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,"
+    " cached_tokens = EXCLUDED.cached_tokens, created_at = EXCLUDED.created_at,"
+    " finished_at = EXCLUDED.finished_at"
+)
+_RESPONSE_INSERT = (
+    "INSERT INTO responses (id, workspace_id, previous_response_id, status, background, created_at,"
+    " body, request) VALUES ($1, $2, $3, $4, $5::integer::boolean, $6, $7, $8)"
+)
+_ITEM_INSERT = (
+    "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
+    " VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_EVENT_INSERT = (
+    "INSERT INTO events (response_id, sequence_number, body) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+)
+
+
+class PostgresStore:
+    """ResponseStore on a PostgreSQL database named by a ``postgresql://`` URL."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, url: str, *, min_connections: int = 2, max_connections: int = 10) -> None:
+        self.url = url
+        self._sizes = (min_connections, max_connections)
+        self._pool: asyncpg.Pool | None = None
+        self._writes: asyncio.Queue[tuple[_Write, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._sizes[0], max_size=self._sizes[1], command_timeout=60
+            )
+            async with self._pool.acquire() as connection:
+                await migrate(connection)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
+            raise StoreUnavailable(f"{describe(self.url)}: {error}") from None
+        self._writer = asyncio.create_task(self._write_batches(), name="venna-postgres-writer")
+
+    async def close(self) -> None:
+        """Commits the writes already queued, then closes the pool."""
+        if self._writer is not None:
+            await self._writes.put(None)
+            await self._writer
+            self._writer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # ------------------------------------------------------------------ the writer
+
+    def _queue(self, write: _Write) -> asyncio.Future[Any]:
+        if self._writer is None:
+            raise RuntimeError("the store is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait((write, future))
+        return future
+
+    async def _write_batches(self) -> None:
+        while True:
+            first = await self._writes.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.MAX_BATCH and not self._writes.empty():
+                queued = self._writes.get_nowait()
+                if queued is None:
+                    stop = True
+                    break
+                batch.append(queued)
+            await self._commit(batch)
+            if stop:
+                return
+
+    async def _commit(self, batch: list[tuple[_Write, asyncio.Future[Any]]]) -> None:
+        try:
+            async with self.pool.acquire() as connection, connection.transaction():
+                results = await self._run_merged(connection, [write for write, _ in batch])
+        except Exception:
+            # Which one failed is not known: each on its own, so that only it fails.
+            for write, future in batch:
+                try:
+                    async with self.pool.acquire() as connection, connection.transaction():
+                        (result,) = await self._run_merged(connection, [write])
+                except Exception as error:
+                    _settle(future, error=error)
+                else:
+                    _settle(future, result)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result)
+
+    async def _run_merged(self, connection: Connection, writes: Sequence[_Write]) -> list[Any]:
+        """Runs the writes in order; consecutive inserts go as one statement per table."""
+        results: list[Any] = []
+        pending = NewRows()
+        inserts = 0
+        for write in writes:
+            if isinstance(write, NewRows):
+                pending.add(write)
+                inserts += 1
+                continue
+            if inserts:
+                await _insert(connection, pending)
+                results += [None] * inserts
+                pending, inserts = NewRows(), 0
+            results.append(await write(connection))
+        if inserts:
+            await _insert(connection, pending)
+            results += [None] * inserts
+        return results
+
+    # ------------------------------------------------------------------ keys and workspaces
+
+    async def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = int(time.time())
+        async with self.pool.acquire() as connection, connection.transaction():
+            workspace_id = await connection.fetchval(
+                "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+                "ws_" + secrets.token_hex(12),
+                workspace_name,
+                now,
+            )
+            record = KeyRecord(
+                id="key_" + secrets.token_hex(8),
+                workspace=workspace_name,
+                hint=key[:7] + "…" + key[-4:],
+                created_at=now,
+                revoked_at=None,
+            )
+            await connection.execute(
+                "INSERT INTO api_keys (id, workspace_id, key_hash, key_hint, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                record.id,
+                workspace_id,
+                hash_key(key),
+                record.hint,
+                now,
+            )
+        return key, record
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self.pool.fetch(
+            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
+            " JOIN workspaces w ON w.id = k.workspace_id ORDER BY k.seq"
+        )
+        return [KeyRecord(*row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        status = await self.pool.execute(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            int(time.time()),
+            key_id,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def list_workspaces(self) -> list[Workspace]:
+        rows = await self.pool.fetch("SELECT id, name, created_at FROM workspaces ORDER BY name")
+        return [Workspace(*row) for row in rows]
+
+    async def authenticate(self, key: str) -> str | None:
+        if not key.startswith(KEY_PREFIX):
+            return None
+        found: str | None = await self.pool.fetchval(
+            "SELECT workspace_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key)
+        )
+        return found
+
+    # ------------------------------------------------------------------ responses
+
+    def create_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        input_items: Sequence[response_pb2.Item],
+        *,
+        request: service_pb2.CreateResponseRequest | None = None,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> asyncio.Future[None]:
+        return self._queue(
+            new_response_rows(
+                workspace_id, response, input_items, request=request, events=events, finished=finished
+            )
+        )
+
+    def save_response(
+        self,
+        workspace_id: str,
+        response: response_pb2.Response,
+        *,
+        events: Sequence[events_pb2.ResponseStreamEvent] = (),
+        finished: bool = False,
+    ) -> asyncio.Future[bool]:
+        # Serialized now: what is written is the response as it is at the call.
+        body = body_without_output(response)
+        outputs = item_rows(workspace_id, response.id, (), response.output)
+        usage = usage_row(workspace_id, response, int(time.time())) if finished else None
+        appended = event_rows(response.id, events).events
+
+        async def save(connection: Connection) -> bool:
+            status = await connection.execute(
+                "UPDATE responses SET status = $1, body = $2"
+                + (", request = NULL" if finished else "")
+                + " WHERE id = $3 AND workspace_id = $4",
+                response.status,
+                body,
+                response.id,
+                workspace_id,
+            )
+            if usage is not None:
+                await connection.execute(_USAGE_UPSERT, *usage)
+            if status != "UPDATE 1":
+                return False
+            await connection.execute(
+                "DELETE FROM items WHERE response_id = $1 AND kind = $2", response.id, OUTPUT
+            )
+            if outputs:
+                await connection.executemany(_ITEM_INSERT, outputs)
+            if appended:
+                await connection.executemany(_EVENT_INSERT, appended)
+            return True
+
+        return self._queue(save)
+
+    def append_events(
+        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
+    ) -> asyncio.Future[None]:
+        return self._queue(event_rows(response_id, events))
+
+    def record_usage(self, workspace_id: str, response: response_pb2.Response) -> asyncio.Future[None]:
+        return self._queue(usage_rows(workspace_id, response))
+
+    async def get_response(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT body, created_at, background FROM responses WHERE id = $1 AND workspace_id = $2",
+                response_id,
+                workspace_id,
+            )
+            if row is None:
+                return None
+            outputs = await connection.fetch(
+                "SELECT body FROM items WHERE response_id = $1 AND kind = $2 ORDER BY position",
+                response_id,
+                OUTPUT,
+            )
+        response = decode(response_pb2.Response, row["body"])
+        unreadable = UnreadableRecord(response_id, created_at=row["created_at"], background=row["background"])
+        if response is None:
+            raise unreadable
+        for output in outputs:
+            item = decode(response_pb2.Item, output["body"])
+            if item is None:
+                raise unreadable
+            response.output.append(item)
+        return response
+
+    async def delete_response(self, workspace_id: str, response_id: str) -> bool:
+        async with self.pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                "DELETE FROM responses WHERE id = $1 AND workspace_id = $2", response_id, workspace_id
+            )
+            if status != "DELETE 1":
+                return False
+            await connection.execute("DELETE FROM items WHERE response_id = $1", response_id)
+            await connection.execute("DELETE FROM events WHERE response_id = $1", response_id)
+        return True
+
+    async def load_context(
+        self, workspace_id: str, response_id: str, *, max_depth: int | None = None
+    ) -> list[response_pb2.Item] | None:
+        bound = 2**62 if max_depth is None else max_depth
+        rows = await self.pool.fetch(
+            """
+            WITH RECURSIVE chain(id, previous_id, depth) AS (
+                SELECT id, previous_response_id, 0::bigint FROM responses
+                WHERE id = $1 AND workspace_id = $2
+                UNION ALL
+                SELECT r.id, r.previous_response_id, chain.depth + 1
+                FROM responses r JOIN chain ON r.id = chain.previous_id
+                WHERE r.workspace_id = $2 AND chain.depth < $3
+            )
+            SELECT chain.depth, chain.id, items.item_id, items.body FROM chain
+            LEFT JOIN items ON items.response_id = chain.id
+            ORDER BY chain.depth DESC, items.kind, items.position
+            """,
+            response_id,
+            workspace_id,
+            bound,
+        )
+        if not rows:
+            return None
+        if max_depth is not None and rows[0]["depth"] >= max_depth:
+            raise ChainTooDeep(max_depth)
+        context: list[response_pb2.Item] = []
+        for _, owner, found_id, body in rows:
+            if body is None:
+                continue
+            item = decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            context.append(item)
+        return context
+
+    async def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
+        if not item_ids:
+            return {}
+        rows = await self.pool.fetch(
+            "SELECT item_id, response_id, body FROM items WHERE workspace_id = $1 AND item_id = ANY($2)"
+            " ORDER BY seq",
+            workspace_id,
+            list(item_ids),
+        )
+        found: dict[str, response_pb2.Item] = {}
+        for found_id, owner, body in rows:
+            item = decode(response_pb2.Item, body)
+            if item is None:
+                raise UnreadableRecord(owner, item_id=found_id)
+            found[found_id] = item
+        return found
+
+    async def list_input_items(
+        self, workspace_id: str, response_id: str, *, limit: int, ascending: bool, after: str | None
+    ) -> InputItemsPage | None:
+        async with self.pool.acquire() as connection:
+            exists = await connection.fetchval(
+                "SELECT 1 FROM responses WHERE id = $1 AND workspace_id = $2", response_id, workspace_id
+            )
+            if exists is None:
+                return None
+            if after is None:
+                bound = -1 if ascending else 2**31 - 1
+            else:
+                position = await connection.fetchval(
+                    "SELECT position FROM items WHERE response_id = $1 AND kind = $2 AND item_id = $3"
+                    " ORDER BY position LIMIT 1",
+                    response_id,
+                    INPUT,
+                    after,
+                )
+                if position is None:
+                    raise LookupError(after)
+                bound = position
+            comparison, direction = (">", "ASC") if ascending else ("<", "DESC")
+            rows = await connection.fetch(
+                f"SELECT body FROM items WHERE response_id = $1 AND kind = $2 AND position {comparison} $3"
+                f" ORDER BY position {direction} LIMIT $4",
+                response_id,
+                INPUT,
+                bound,
+                limit + 1,
+            )
+        items: list[response_pb2.Item] = []
+        for row in rows[:limit]:
+            item = decode(response_pb2.Item, row["body"])
+            if item is None:
+                raise UnreadableRecord(response_id)
+            items.append(item)
+        return InputItemsPage(items=items, has_more=len(rows) > limit)
+
+    async def events_after(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> list[events_pb2.ResponseStreamEvent]:
+        rows = await self.pool.fetch(
+            "SELECT e.body FROM events e JOIN responses r ON r.id = e.response_id"
+            " WHERE e.response_id = $1 AND r.workspace_id = $2 AND e.sequence_number > $3"
+            " ORDER BY e.sequence_number",
+            response_id,
+            workspace_id,
+            after,
+        )
+        events: list[events_pb2.ResponseStreamEvent] = []
+        for row in rows:
+            event = decode(events_pb2.ResponseStreamEvent, row["body"])
+            if event is None:
+                raise UnreadableRecord(response_id, readable=events)
+            events.append(event)
+        return events
+
+    async def last_sequence_number(self, response_id: str) -> int:
+        last = await self.pool.fetchval(
+            "SELECT MAX(sequence_number) FROM events WHERE response_id = $1", response_id
+        )
+        return -1 if last is None else int(last)
+
+    async def last_terminal_event(self, response_id: str) -> events_pb2.ResponseStreamEvent | None:
+        body = await self.pool.fetchval(
+            "SELECT body FROM events WHERE response_id = $1 ORDER BY sequence_number DESC LIMIT 1",
+            response_id,
+        )
+        if body is None or not is_terminal_event(body):
+            return None
+        event = decode(events_pb2.ResponseStreamEvent, body)
+        if event is None:
+            raise UnreadableRecord(response_id)
+        return event
+
+    async def pending_responses(self) -> list[PendingResponse]:
+        rows = await self.pool.fetch(
+            "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
+            f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, id"
+        )
+        pending: list[PendingResponse] = []
+        for response_id, workspace_id, status, background, created_at, body, request in rows:
+            response = decode(response_pb2.Response, body)
+            kept = decode(service_pb2.CreateResponseRequest, request) if request else None
+            unreadable = response is None or (request is not None and kept is None)
+            if response is None:
+                response = unreadable_response(response_id, created_at, background=background, status=status)
+            pending.append(PendingResponse(workspace_id, response, kept, unreadable=unreadable))
+        return pending
+
+    # ------------------------------------------------------------------ usage
+
+    async def usage_totals(
+        self,
+        workspace_id: str,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        group_by_model: bool = False,
+    ) -> list[UsageTotal]:
+        conditions = ["workspace_id = $1"]
+        parameters: list[object] = [workspace_id]
+        if since is not None:
+            parameters.append(since)
+            conditions.append(f"created_at >= ${len(parameters)}")
+        if until is not None:
+            parameters.append(until)
+            conditions.append(f"created_at < ${len(parameters)}")
+        rows = await self.pool.fetch(
+            f"SELECT {'model' if group_by_model else 'NULL'}, COUNT(*), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(reasoning_tokens), SUM(cached_tokens),"
+            " SUM(input_tokens + output_tokens)"
+            f" FROM usage WHERE {' AND '.join(conditions)}"
+            + (" GROUP BY model ORDER BY model" if group_by_model else ""),
+            *parameters,
+        )
+        return [UsageTotal(row[0], *(int(value or 0) for value in tuple(row)[1:])) for row in rows if row[1]]
+
+
+async def _insert(connection: Connection, rows: NewRows) -> None:
+    """New records, one statement per table (usage first: a record written again replaces the
+    earlier one)."""
+    if rows.usage:
+        await connection.executemany(_USAGE_UPSERT, rows.usage)
+    if rows.responses:
+        await connection.executemany(_RESPONSE_INSERT, rows.responses)
+    if rows.items:
+        await connection.executemany(_ITEM_INSERT, rows.items)
+    if rows.events:
+        await connection.executemany(_EVENT_INSERT, rows.events)
+
+
+def _settle(
+    future: asyncio.Future[Any], result: object = None, *, error: BaseException | None = None
+) -> None:
+    if future.cancelled():
+        return  # the caller went away; the write is done (and committed) all the same
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

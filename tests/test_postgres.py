@@ -1,0 +1,97 @@
+"""`venna serve`, `venna keys` and `venna usage` on PostgreSQL (``--db postgresql://…``), as
+real processes on a throwaway PostgreSQL server: the same API, stored in PostgreSQL, surviving
+a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.postgres_harness import PostgresServer
+from tests.process_harness import ROOT, create_key, serving
+
+
+def venna_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "venna.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def with_password(url: str) -> str:
+    """The URL with a password (the test server trusts loopback, so any password works)."""
+    return url.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@", 1)
+
+
+async def test_serve_on_postgresql_end_to_end(postgres_url: str, tmp_path: Path) -> None:
+    url = with_password(postgres_url)
+    key = create_key(url, "alpha")
+    other = create_key(url, "beta")
+    log = tmp_path / "serve.log"
+    with serving(url, log) as server:
+        startup = log.read_text()
+        assert "s3cret-pw" not in startup
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=10
+        ) as http:
+            first = (await http.post("/responses", json={"model": "echo", "input": "hello there"})).json()
+            assert first["status"] == "completed"
+            second = (
+                await http.post(
+                    "/responses",
+                    json={"model": "echo", "input": "and again", "previous_response_id": first["id"]},
+                )
+            ).json()
+            assert second["usage"]["input_tokens"] == 6  # the whole chain, rebuilt from PostgreSQL
+            items = (await http.get(f"/responses/{second['id']}/input_items")).json()
+            assert [item["content"][0]["text"] for item in items["data"]] == ["and again"]
+            queued = (
+                await http.post("/responses", json={"model": "echo", "input": "later", "background": True})
+            ).json()
+            deadline = time.monotonic() + 10
+            while (await http.get(f"/responses/{queued['id']}")).json()["status"] != "completed":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            streamed = await http.get(f"/responses/{queued['id']}", params={"stream": "true"})
+            assert streamed.text.count("event: response.completed") == 1
+            stranger = await http.get(
+                f"/responses/{first['id']}", headers={"authorization": f"Bearer {other}"}
+            )
+            assert stranger.status_code == 404
+            assert (await http.delete(f"/responses/{second['id']}")).json()["deleted"] is True
+
+    # Another process on the same database: everything is still there.
+    with serving(url, log) as server:
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=10
+        ) as http:
+            again = (await http.get(f"/responses/{first['id']}")).json()
+            assert again["output"][0]["content"][0]["text"] == "hello there"
+            assert (await http.get(f"/responses/{second['id']}")).status_code == 404
+
+    report = venna_cli("usage", "--db", url, "--workspace", "alpha", "--json")
+    assert report.returncode == 0, report.stderr
+    (workspace,) = json.loads(report.stdout)["workspaces"]
+    assert workspace["total"]["responses"] == 3  # usage outlives the deleted response
+    listing = venna_cli("keys", "list", "--db", url)
+    assert listing.returncode == 0 and "alpha" in listing.stdout and "beta" in listing.stdout
+
+
+def test_an_unreachable_database_is_one_line_and_status_2(postgres_server: PostgresServer) -> None:
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{postgres_server.port}/no_such_database"
+    for argv in (["keys", "list"], ["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]):
+        done = venna_cli(*argv, "--db", url)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("venna: --db postgresql://postgres:***@"), lines
+        assert "no_such_database" in lines[0] and "s3cret-pw" not in done.stderr
