@@ -75,6 +75,13 @@ class KeyCache:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[str, float]] = {}
+        # Bumped by clear(): a lookup that began before a revocation must not be cached.
+        self.generation = 0
+
+    def clear(self) -> None:
+        """Forgets every key: some key was revoked (the store says which only by its hash)."""
+        self._entries.clear()
+        self.generation += 1
 
     def get(self, key: str) -> str | None:
         entry = self._entries.get(key)
@@ -85,8 +92,9 @@ class KeyCache:
             return None
         return entry[0]
 
-    def put(self, key: str, workspace: str) -> None:
-        if self.ttl <= 0:
+    def put(self, key: str, workspace: str, generation: int | None = None) -> None:
+        """Remembers an acceptance, unless a revocation came since its lookup began."""
+        if self.ttl <= 0 or (generation is not None and generation != self.generation):
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             del self._entries[next(iter(self._entries))]  # the oldest
@@ -140,6 +148,9 @@ class Authenticator:
             raise ValueError("max_concurrent_per_key must be at least 1")
         self._store = store
         self._keys = KeyCache(key_cache_seconds)
+        # A revocation anywhere (another process, another replica) ends the key's cache entry
+        # here at once where the store can tell; elsewhere the cache window bounds it.
+        store.on_key_revoked(self._keys.clear)
         self._max_concurrent = max_concurrent_per_key
         # Calls (and streams) running now, by key.
         self._running: dict[str, int] = {}
@@ -155,6 +166,7 @@ class Authenticator:
             )
         found = self._keys.get(key)
         if found is None:
+            generation = self._keys.generation
             found = await self._store.authenticate(key)
             if found is None:
                 raise ServiceError(
@@ -162,7 +174,7 @@ class Authenticator:
                     "Invalid API key: the key is unknown or has been revoked.",
                     reason="INVALID_API_KEY",
                 )
-            self._keys.put(key, found)
+            self._keys.put(key, found, generation)
         return key, found
 
     async def verify(self, context: Context) -> None:

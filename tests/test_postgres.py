@@ -95,3 +95,22 @@ def test_an_unreachable_database_is_one_line_and_status_2(postgres_server: Postg
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("venna: --db postgresql://postgres:***@"), lines
         assert "no_such_database" in lines[0] and "s3cret-pw" not in done.stderr
+
+
+async def test_a_key_revoked_elsewhere_is_refused_within_a_second(postgres_url: str, tmp_path: Path) -> None:
+    """The server trusts accepted keys for a minute (--key-cache-seconds 60), yet a revocation by
+    another process (`venna keys revoke`) reaches it as a notification and ends that trust."""
+    key = create_key(postgres_url, "alpha")
+    listing = venna_cli("keys", "list", "--db", postgres_url)
+    key_id = next(word for word in listing.stdout.split() if word.startswith("key_"))
+    with serving(postgres_url, tmp_path / "serve.log", "--key-cache-seconds", "60") as server:
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=10
+        ) as http:
+            assert (await http.post("/responses", json={"model": "echo", "input": "hi"})).status_code == 200
+            revoked = venna_cli("keys", "revoke", key_id, "--db", postgres_url)
+            assert revoked.returncode == 0, revoked.stderr
+            started = time.monotonic()
+            while (await http.post("/responses", json={"model": "echo", "input": "hi"})).status_code != 401:
+                assert time.monotonic() - started < 1.0, "the revoked key still works"
+                await asyncio.sleep(0.02)

@@ -5,6 +5,7 @@ must pass every test here unchanged)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -118,6 +119,38 @@ async def test_keys_authenticate_until_revoked(store: ResponseStore) -> None:
     assert await store.authenticate("vk_" + "x" * 43) is None
     assert await store.authenticate("not a key") is None
     assert [found.name for found in await store.list_workspaces()] == ["alpha"]
+
+
+async def test_a_revocation_is_announced(store: ResponseStore) -> None:
+    heard: list[None] = []
+    store.on_key_revoked(lambda: heard.append(None))
+    _, record = await store.create_key("alpha")
+    assert await store.revoke_key(record.id)
+    deadline = time.monotonic() + 5
+    while not heard:  # PostgreSQL delivers it as a notification, after the commit
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert not await store.revoke_key(record.id)
+    await asyncio.sleep(0.05)
+    assert len(heard) == 1  # nothing revoked, nothing announced
+
+
+async def test_a_revocation_by_another_process_reaches_postgresql_listeners(postgres_url: str) -> None:
+    listening, revoking = open_store(postgres_url), open_store(postgres_url)
+    await listening.open()
+    await revoking.open()
+    try:
+        heard: list[None] = []
+        listening.on_key_revoked(lambda: heard.append(None))
+        _, record = await revoking.create_key("alpha")
+        started = time.monotonic()
+        assert await revoking.revoke_key(record.id)
+        while not heard:
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.005)
+    finally:
+        await listening.close()
+        await revoking.close()
 
 
 # --------------------------------------------------------------------------- responses

@@ -15,7 +15,7 @@ tests (tests/test_store_contract.py). Rules every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -162,6 +162,11 @@ class ResponseStore(Protocol):
 
     def authenticate(self, key: str) -> Awaitable[str | None]:
         """The workspace id of a valid, unrevoked key; None otherwise."""
+        ...
+
+    def on_key_revoked(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` (on the event loop) whenever a key is revoked: by this store, and,
+        where the engine can tell, by any other process on the same store."""
         ...
 
     # ------------------------------------------------------------------ responses

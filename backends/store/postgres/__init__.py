@@ -10,6 +10,7 @@ a failing write fails alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,7 +49,11 @@ from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 __all__ = ["PostgresStore"]
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "vk_"
+# The notification channel of key revocations (no payload: listeners forget every cached key).
+_KEYS_CHANNEL = "venna_keys"
 _T = TypeVar("_T")
 # A write: new rows to insert, or a function of the connection (run inside the batch's
 # transaction).
@@ -88,6 +93,9 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._writes: asyncio.Queue[tuple[_Write, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._revoked: list[Callable[[], None]] = []
+        # One connection of its own, listening for notifications of other processes.
+        self._listener: Connection | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -102,6 +110,9 @@ class PostgresStore:
             )
             async with self._pool.acquire() as connection:
                 await migrate(connection)
+            self._listener = await asyncpg.connect(self.url)
+            await self._listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
+            self._listener.add_termination_listener(self._listener_lost)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
             if self._pool is not None:
                 await self._pool.close()
@@ -115,6 +126,9 @@ class PostgresStore:
             await self._writes.put(None)
             await self._writer
             self._writer = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None  # a close of ours, not a loss
+            await listener.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -222,12 +236,31 @@ class PostgresStore:
         return [KeyRecord(*row) for row in rows]
 
     async def revoke_key(self, key_id: str) -> bool:
-        status = await self.pool.execute(
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-            int(time.time()),
-            key_id,
-        )
-        return bool(status == "UPDATE 1")
+        async with self.pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                int(time.time()),
+                key_id,
+            )
+            if status != "UPDATE 1":
+                return False
+            # Delivered at commit to every process listening, this one included.
+            await connection.execute(f"NOTIFY {_KEYS_CHANNEL}")
+        return True
+
+    def on_key_revoked(self, callback: Callable[[], None]) -> None:
+        self._revoked.append(callback)
+
+    def _listener_lost(self, connection: object) -> None:
+        if connection is self._listener:
+            log.warning(
+                "lost the connection that listens for key revocations; a key revoked elsewhere"
+                " now stops working here when its cache entry expires"
+            )
+
+    def _key_revoked(self, *_: object) -> None:
+        for callback in self._revoked:
+            callback()
 
     async def list_workspaces(self) -> list[Workspace]:
         rows = await self.pool.fetch("SELECT id, name, created_at FROM workspaces ORDER BY name")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from venna.backends.store.protocol import (
@@ -42,6 +42,7 @@ class SqliteStore:
         # The synchronous queries, run on the store's thread only.
         self.queries = queries
         self._thread = AsyncStore(queries)
+        self._revoked: list[Callable[[], None]] = []
 
     async def open(self) -> None:
         """Nothing more to do: the file was opened and migrated when this store was made."""
@@ -58,14 +59,23 @@ class SqliteStore:
     def list_keys(self) -> asyncio.Future[list[KeyRecord]]:
         return self._thread.call(self.queries.list_keys)
 
-    def revoke_key(self, key_id: str) -> asyncio.Future[bool]:
-        return self._thread.call(self.queries.revoke_key, key_id)
+    async def revoke_key(self, key_id: str) -> bool:
+        revoked = await self._thread.call(self.queries.revoke_key, key_id)
+        if revoked:
+            for callback in self._revoked:
+                callback()
+        return revoked
 
     def list_workspaces(self) -> asyncio.Future[list[Workspace]]:
         return self._thread.call(self.queries.list_workspaces)
 
     def authenticate(self, key: str) -> asyncio.Future[str | None]:
         return self._thread.call(self.queries.authenticate, key)
+
+    def on_key_revoked(self, callback: Callable[[], None]) -> None:
+        # SQLite tells no other process: a revocation by `venna keys revoke` reaches a running
+        # server when its key cache entry expires.
+        self._revoked.append(callback)
 
     # ------------------------------------------------------------------ responses
 
