@@ -22,7 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import venna
-from venna.backends.store import ResponseStore, StoreUnavailable, UsageTotal, describe, open_store, sum_usage
+from venna.backends.store import (
+    ResponseStore,
+    StoreUnavailable,
+    UsageTotal,
+    copy_store,
+    describe,
+    open_store,
+    sum_usage,
+)
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
@@ -173,6 +181,16 @@ def _build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--by-model", action="store_true", help="one row per model")
     usage.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_db(usage)
+
+    database = commands.add_parser("db", help="move the store between engines").add_subparsers(
+        dest="db_command", required=True
+    )
+    copy = database.add_parser(
+        "copy",
+        help="copy every record of a SQLite file into an empty PostgreSQL database (all or nothing)",
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="PATH", help="the SQLite file")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL", help="a postgresql:// URL")
     return parser
 
 
@@ -547,7 +565,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
 
+    if options.command == "db":
+        return asyncio.run(copy_command(options))
     return asyncio.run(store_command(options))
+
+
+async def copy_command(options: argparse.Namespace) -> int:
+    """``venna db copy``: a SQLite store into PostgreSQL, for a move to several replicas."""
+    try:
+        rows = await copy_store(options.source, options.target)
+    except StoreUnavailable as error:
+        print(f"venna: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"venna: {_os_error(error) if isinstance(error, OSError) else error}", file=sys.stderr)
+        return 2
+    copied = ", ".join(f"{count} {table}" for table, count in rows.items())
+    print(f"copied {options.source} to {describe(options.target)}: {copied}", file=sys.stderr)
+    return 0
 
 
 async def store_command(options: argparse.Namespace) -> int:

@@ -114,3 +114,73 @@ async def test_a_key_revoked_elsewhere_is_refused_within_a_second(postgres_url: 
             while (await http.post("/responses", json={"model": "echo", "input": "hi"})).status_code != 401:
                 assert time.monotonic() - started < 1.0, "the revoked key still works"
                 await asyncio.sleep(0.02)
+
+
+async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """`venna db copy`: what a SQLite-backed server stored is served from PostgreSQL after the
+    copy: responses, chains, input items, background streams, keys and usage."""
+    sqlite_file = tmp_path / "venna.db"
+    key = create_key(sqlite_file, "alpha")
+    revoked_key = create_key(sqlite_file, "alpha")
+    ids: dict[str, str] = {}
+    with serving(sqlite_file, tmp_path / "sqlite.log") as server:
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=10
+        ) as http:
+            first = (await http.post("/responses", json={"model": "echo", "input": "one two"})).json()
+            second = (
+                await http.post(
+                    "/responses",
+                    json={"model": "echo", "input": "three", "previous_response_id": first["id"]},
+                )
+            ).json()
+            queued = (
+                await http.post("/responses", json={"model": "echo", "input": "later on", "background": True})
+            ).json()
+            deadline = time.monotonic() + 10
+            while (await http.get(f"/responses/{queued['id']}")).json()["status"] != "completed":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            ids = {"first": first["id"], "second": second["id"], "queued": queued["id"]}
+    listing = venna_cli("keys", "list", "--db", str(sqlite_file))
+    revoked_id = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("key_")][1]
+    assert venna_cli("keys", "revoke", revoked_id, "--db", str(sqlite_file)).returncode == 0
+    before = json.loads(venna_cli("usage", "--db", str(sqlite_file), "--json").stdout)
+
+    copied = venna_cli("db", "copy", "--from", str(sqlite_file), "--to", postgres_url)
+    assert copied.returncode == 0, copied.stderr
+    assert "3 responses" in copied.stderr and "2 api_keys" in copied.stderr
+    again = venna_cli("db", "copy", "--from", str(sqlite_file), "--to", postgres_url)
+    assert (again.returncode == 2 and "not empty" in again.stderr) or "already has" in again.stderr
+
+    assert json.loads(venna_cli("usage", "--db", postgres_url, "--json").stdout) == before
+    with serving(postgres_url, tmp_path / "postgres.log") as server:
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=10
+        ) as http:
+            got = (await http.get(f"/responses/{ids['second']}")).json()
+            assert got["output"][0]["content"][0]["text"] == "three"
+            items = (await http.get(f"/responses/{ids['first']}/input_items")).json()
+            assert items["data"][0]["content"][0]["text"] == "one two"
+            followed = (
+                await http.post(
+                    "/responses",
+                    json={"model": "echo", "input": "four", "previous_response_id": ids["second"]},
+                )
+            ).json()
+            # The context rebuilt from PostgreSQL: "one two", its echo, "three", its echo, "four".
+            assert followed["usage"]["input_tokens"] == 7
+            replay = await http.get(f"/responses/{ids['queued']}", params={"stream": "true"})
+            assert replay.text.count("event: response.completed") == 1
+            refused = await http.get(
+                f"/responses/{ids['first']}", headers={"authorization": f"Bearer {revoked_key}"}
+            )
+            assert refused.status_code == 401
+
+
+def test_copy_refuses_what_it_cannot_do(postgres_url: str, tmp_path: Path) -> None:
+    missing = venna_cli("db", "copy", "--from", str(tmp_path / "missing.db"), "--to", postgres_url)
+    assert missing.returncode == 2 and "no such database file" in missing.stderr
+    backwards = venna_cli("db", "copy", "--from", postgres_url, "--to", str(tmp_path / "x.db"))
+    assert backwards.returncode == 2 and "from a SQLite file" in backwards.stderr
+    assert "Traceback" not in missing.stderr + backwards.stderr

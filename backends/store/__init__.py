@@ -35,6 +35,7 @@ __all__ = [
     "UnreadableRecord",
     "UsageTotal",
     "Workspace",
+    "copy_store",
     "describe",
     "item_id",
     "open_store",
@@ -54,6 +55,17 @@ def open_store(location: str | Path) -> ResponseStore:
     from venna.backends.store.sqlite import SqliteStore
 
     return SqliteStore(location)
+
+
+async def copy_store(source: str | Path, target: str) -> dict[str, int]:
+    """Copies every record of the SQLite file ``source`` into the empty PostgreSQL database
+    ``target``, all or nothing; the rows copied, by table. Raises ValueError for any other pair
+    of engines, FileNotFoundError, StoreUnavailable, or TargetNotEmpty (a ValueError)."""
+    from venna.backends.store.transfer import copy_sqlite_to_postgres
+
+    if "://" in str(source) or not target.startswith(("postgresql://", "postgres://")):
+        raise ValueError("copies go from a SQLite file (--from PATH) to PostgreSQL (--to postgresql://…)")
+    return (await copy_sqlite_to_postgres(Path(source), target)).rows
 
 
 def describe(location: str | Path) -> str:
