@@ -15,6 +15,8 @@ what Venna does per call. Sections (``--only`` takes any of them, comma-separate
                  continuing at each depth, stored bytes per turn
     memory       server RSS idle and with 1,000 open streams
     background   responses/s through the background runner vs foreground CreateResponse
+    postgres     CreateResponse with the store on PostgreSQL (a throwaway local cluster) vs on
+                 SQLite: req/s and p50 at concurrency 1, 16, 64
 
     python scripts/bench.py [--quick] [--only SECTION[,SECTION]] [--json PATH] [--client-processes N]
 
@@ -45,6 +47,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import grpc.aio
 from benchkit.config import CLIENT_NOTE, QUICK, SECTIONS, UNARY_TEXT, Profile, Row, SectionResult
@@ -55,6 +58,11 @@ from benchkit.report import finite, machine_info, render_table
 from benchkit.stats import median, percentile
 
 from venna.backends.store.sqlite.queries import Store
+
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    # The throwaway PostgreSQL cluster of the tests, for the postgres section.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.postgres_harness import throwaway_cluster
 from venna.responses.v1 import response_pb2, service_pb2
 
 # ------------------------------------------------------------------------------ sections
@@ -571,6 +579,58 @@ def section_background(bench: Bench) -> SectionResult:
     return section
 
 
+def section_postgres(bench: Bench) -> SectionResult:
+    """gRPC CreateResponse with the store on PostgreSQL (a throwaway local cluster) against the
+    same on SQLite, alternating in one run: what the shared store costs."""
+    section = SectionResult()
+    with throwaway_cluster() as server:
+        url = server.url("venna_bench")
+        asyncio.run(_create_database(server.url("postgres"), "venna_bench"))
+        with bench.venna(database=url) as on_postgres, bench.venna() as on_sqlite:
+            profile = bench.profile
+            for concurrency in profile.concurrency:
+                spec = LoadSpec(
+                    "grpc_unary",
+                    on_postgres.grpc_target,
+                    on_postgres.key,
+                    concurrency,
+                    profile.duration,
+                    profile.warmup,
+                )
+                sqlite_spec = replace(spec, target=on_sqlite.grpc_target, key=on_sqlite.key)
+                pg, lite = alternate(bench, [spec, sqlite_spec])
+                check_result(pg, f"PostgreSQL c{concurrency}", section)
+                check_result(lite, f"SQLite c{concurrency}", section)
+                section.raw[f"c{concurrency}"] = {"postgres": summarize(pg), "sqlite": summarize(lite)}
+                rate = Row(
+                    f"gRPC CreateResponse on PostgreSQL c{concurrency} throughput",
+                    "req/s",
+                    pg.calls / pg.elapsed,
+                    lite.calls / lite.elapsed,
+                    baseline_label="SQLite",
+                )
+                if concurrency == 16:
+                    rate.target = "ratio >= 0.7"
+                    rate.met = rate.ratio is not None and rate.ratio >= 0.7
+                p50 = Row(
+                    f"gRPC CreateResponse on PostgreSQL c{concurrency} p50",
+                    "ms",
+                    median(pg.latencies) * 1e3,
+                    median(lite.latencies) * 1e3,
+                    baseline_label="SQLite",
+                )
+                section.rows += [rate, p50]
+    return section
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    connection = await asyncpg.connect(admin_url)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
 RUNNERS: dict[str, Callable[[Bench], SectionResult]] = {
     "grpc_unary": section_grpc_unary,
     "grpc_stream": section_grpc_stream,
@@ -579,6 +639,7 @@ RUNNERS: dict[str, Callable[[Bench], SectionResult]] = {
     "chain": section_chain,
     "memory": section_memory,
     "background": section_background,
+    "postgres": section_postgres,
 }
 
 

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"grpc_unary", "grpc_stream", "http_unary", "http_sse", "chain", "memory", "background"}
+SECTIONS = {
+    "grpc_unary",
+    "grpc_stream",
+    "http_unary",
+    "http_sse",
+    "chain",
+    "memory",
+    "background",
+    "postgres",
+}
 # Rows whose figure is a difference of two measurements, which noise may make negative.
 DIFFERENCES = ("shim: added latency",)
 

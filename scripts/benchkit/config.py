@@ -8,7 +8,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BASELINES = ROOT / "scripts" / "bench_baselines.py"
-SECTIONS = ("grpc_unary", "grpc_stream", "http_unary", "http_sse", "chain", "memory", "background")
+SECTIONS = (
+    "grpc_unary",
+    "grpc_stream",
+    "http_unary",
+    "http_sse",
+    "chain",
+    "memory",
+    "background",
+    "postgres",
+)
 UNARY_TEXT = "hello benchmark world"
 STARTUP_TIMEOUT = 60.0
 CLIENT_NOTE = (

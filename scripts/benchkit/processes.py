@@ -114,7 +114,7 @@ class VennaHandle:
     grpc_target: str
     http_base: str  # ends in /v1
     key: str
-    db_path: Path
+    db_path: str | Path  # a SQLite file, or a postgresql:// URL
     process: ServerProcess
 
 
@@ -140,11 +140,11 @@ class Bench:
         return f"{self._count:02d}-{name}"
 
     @contextlib.contextmanager
-    def venna(self, config: Path | None = None) -> Iterator[VennaHandle]:
-        """A fresh ``venna serve`` over a new database, with one workspace key (and the
-        routing table ``config``, if given)."""
+    def venna(self, config: Path | None = None, database: str | None = None) -> Iterator[VennaHandle]:
+        """A fresh ``venna serve`` over a new database (a SQLite file, or the empty PostgreSQL
+        ``database`` URL), with one workspace key (and the routing table ``config``, if given)."""
         name = self._next("venna")
-        db = self.scratch / f"{name}.db"
+        db: str | Path = database if database is not None else self.scratch / f"{name}.db"
         command = [sys.executable, "-m", "venna.cli"]
         key = subprocess.run(
             [*command, "keys", "create", "--workspace", "bench", "--db", str(db)],
