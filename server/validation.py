@@ -156,6 +156,12 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
         _check_stop(request, add)
     if request.HasField("venice_parameters"):
         _check_venice(request.venice_parameters, add)
+    # Enum values this build does not know (proto3 enums are open): backends receive these
+    # settings by name, so an unknown number is the caller's mistake.
+    if request.HasField("reasoning"):
+        _check_enum_values("reasoning", request.reasoning, add)
+    if request.HasField("venice_parameters"):
+        _check_enum_values("venice_parameters", request.venice_parameters, add)
     if request.background and request.HasField("store") and not request.store:
         add(
             Violation(
@@ -201,6 +207,12 @@ def _check_metadata(request: service_pb2.CreateResponseRequest, add: _Add) -> No
                     " characters.",
                 )
             )
+
+
+def _check_enum_values(path: str, message: Message, add: _Add) -> None:
+    for field, value in message.ListFields():
+        if field.enum_type is not None and value not in field.enum_type.values_by_number:
+            add(Violation(f"{path}.{field.name}", f"Invalid '{path}.{field.name}': unknown value {value}."))
 
 
 def _check_stop(request: service_pb2.CreateResponseRequest, add: _Add) -> None:

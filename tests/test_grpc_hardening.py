@@ -86,6 +86,30 @@ def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
     return []
 
 
+# ------------------------------------------------------------------------------ enum values
+
+
+async def test_enum_values_this_build_does_not_know_are_invalid_arguments(venna: Venna) -> None:
+    """proto3 enums are open: a client compiled from a newer contract (or a hostile one) may
+    send a number with no name. Backends take these settings by name, so it is a 400."""
+    unknown_summary = make_request(input="hi")
+    unknown_summary.reasoning.summary = 4  # type: ignore[assignment]
+    unknown_vendor = make_request(input="hi")
+    unknown_vendor.venice_parameters.enable_web_search = -1  # type: ignore[assignment]
+    for request, param in (
+        (unknown_summary, "reasoning.summary"),
+        (unknown_vendor, "venice_parameters.enable_web_search"),
+    ):
+        for call in (
+            venna.alpha.stub.CreateResponse(request, metadata=venna.alpha.metadata),
+            venna.alpha.stub.StreamResponse(request, metadata=venna.alpha.metadata).read(),
+        ):
+            error = await failure(call)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert field_violations(error) == [param]
+            assert "unknown value" in (error.details() or "")
+
+
 # ------------------------------------------------------------------------------ JSON nesting
 
 
