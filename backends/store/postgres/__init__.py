@@ -114,6 +114,9 @@ class PostgresStore:
             await self._listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
             self._listener.add_termination_listener(self._listener_lost)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
+            if self._listener is not None:
+                listener, self._listener = self._listener, None
+                await listener.close()
             if self._pool is not None:
                 await self._pool.close()
                 self._pool = None
@@ -354,14 +357,10 @@ class PostgresStore:
                 OUTPUT,
             )
         response = decode(response_pb2.Response, row["body"])
-        unreadable = UnreadableRecord(response_id, created_at=row["created_at"], background=row["background"])
-        if response is None:
-            raise unreadable
-        for output in outputs:
-            item = decode(response_pb2.Item, output["body"])
-            if item is None:
-                raise unreadable
-            response.output.append(item)
+        items = [decode(response_pb2.Item, output["body"]) for output in outputs]
+        if response is None or None in items:
+            raise UnreadableRecord(response_id, created_at=row["created_at"], background=row["background"])
+        response.output.extend(item for item in items if item is not None)
         return response
 
     async def delete_response(self, workspace_id: str, response_id: str) -> bool:
