@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# How often a follower of another process's response reads the store when no wake-up comes.
+FOLLOW_POLL_SECONDS = 1.0
+_TERMINAL_EVENTS = frozenset({"completed", "incomplete", "failed"})
 
 
 class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
@@ -120,6 +123,12 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 async for event in events:
                     yield event
             return
+        if response.status in UNFINISHED:
+            # Run by another process (a replica): follow what it stores, to the end.
+            async with aclosing(self._follow_stored(workspace_id, response.id, after)) as events:
+                async for event in events:
+                    yield event
+            return
         try:
             stored = await self._store.events_after(workspace_id, response.id, after)
         except UnreadableRecord as error:
@@ -134,6 +143,35 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             return
         for event in stored:
             yield event
+
+    async def _follow_stored(
+        self, workspace_id: str, response_id: str, after: int
+    ) -> AsyncGenerator[Event, None]:
+        """The stored events of a response another process runs, as they are stored, until its
+        terminal event, or until it is over without one (cancelled) or gone (deleted).
+
+        The stored events are the source of truth; the store's wake-ups only say when to read
+        them again, and a slow poll covers a wake-up that never comes. The watch begins before
+        the first read, so that nothing stored in between is waited for in vain."""
+        watch = self._store.watch_events(response_id)
+        try:
+            while True:
+                stored = await self._store.events_after(workspace_id, response_id, after)
+                for event in stored:
+                    yield event
+                    after = event.sequence_number
+                    if event.WhichOneof("event") in _TERMINAL_EVENTS:
+                        return
+                if not stored:
+                    current = await self._store.get_response(workspace_id, response_id)
+                    if current is None or current.status not in UNFINISHED:
+                        # Its end and its last events were stored together: read them once more.
+                        for event in await self._store.events_after(workspace_id, response_id, after):
+                            yield event
+                        return
+                await watch.wait(FOLLOW_POLL_SECONDS)
+        finally:
+            watch.close()
 
     async def DeleteResponse(
         self, request: service_pb2.DeleteResponseRequest, context: auth.Context

@@ -15,6 +15,11 @@ import httpx
 
 from tests.postgres_harness import PostgresServer
 from tests.process_harness import ROOT, create_key, serving
+from venna.backends.base import TextDelta
+from venna.backends.store import open_store
+from venna.responses.v1 import response_pb2
+from venna.server.builder import ResponseBuilder
+from venna.server.ids import new_id
 
 
 def venna_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -184,3 +189,67 @@ def test_copy_refuses_what_it_cannot_do(postgres_url: str, tmp_path: Path) -> No
     backwards = venna_cli("db", "copy", "--from", postgres_url, "--to", str(tmp_path / "x.db"))
     assert backwards.returncode == 2 and "from a SQLite file" in backwards.stderr
     assert "Traceback" not in missing.stderr + backwards.stderr
+
+
+async def test_a_response_run_elsewhere_is_followed_live_to_its_end(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A stream resumed on this server follows a background response another process (here the
+    test itself, writing through the store as a replica would) runs: each event arrives as it
+    is stored, and the stream ends with the terminal event."""
+    key = create_key(postgres_url, "alpha")
+    replica = open_store(postgres_url)
+    await replica.open()
+    try:
+        workspace = await replica.authenticate(key)
+        assert workspace is not None
+        response = response_pb2.Response(
+            id=new_id("resp"), object="response", created_at=int(time.time()), model="echo", background=True
+        )
+        response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
+        builder = ResponseBuilder(response)
+        with serving(postgres_url, tmp_path / "serve.log") as server:
+            # Created once this server runs (its start-up recovery would settle it otherwise:
+            # background work is not leased yet).
+            await replica.create_response(workspace, response, [], events=builder.created())
+            async with httpx.AsyncClient(
+                base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=20
+            ) as http:
+                received: list[tuple[str, float]] = []
+                arrived = asyncio.Event()
+
+                async def follow() -> None:
+                    async with http.stream(
+                        "GET", f"/responses/{response.id}", params={"stream": "true"}
+                    ) as reply:
+                        assert reply.status_code == 200
+                        async for line in reply.aiter_lines():
+                            if line.startswith("event: "):
+                                received.append((line.removeprefix("event: "), time.monotonic()))
+                                arrived.set()
+
+                follower = asyncio.create_task(follow())
+                await asyncio.sleep(0.5)  # the follower has read what exists and waits
+                assert [name for name, _ in received] == ["response.created"]
+                delays = []
+                for word in ("one", "two", "three", "four", "five"):
+                    events = builder.apply(TextDelta(f" {word}"))
+                    before = len(received)
+                    stored_at = time.monotonic()
+                    await replica.append_events(response.id, events)
+                    async with asyncio.timeout(5):
+                        while len(received) < before + len(events):
+                            arrived.clear()
+                            await arrived.wait()
+                    delays.append(received[-1][1] - stored_at)
+                    await asyncio.sleep(0.05)
+                final = builder.completed()
+                await replica.save_response(workspace, builder.response, events=final, finished=True)
+                await asyncio.wait_for(follower, 5)
+    finally:
+        await replica.close()
+    names = [name for name, _ in received]
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    assert names.count("response.completed") == 1
+    assert "response.output_text.delta" in names
+    assert max(delays) < 0.5, delays  # woken by the notification, not the one-second poll

@@ -153,6 +153,47 @@ async def test_a_revocation_by_another_process_reaches_postgresql_listeners(post
         await revoking.close()
 
 
+async def test_a_watch_wakes_for_stored_events_or_times_out(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await stored(store, alpha, "watched")
+    watch = store.watch_events(made.id)
+    try:
+        started = time.monotonic()
+        await watch.wait(0.2)  # nothing stored: only the time-out ends it
+        assert time.monotonic() - started >= 0.15
+        await store.append_events(made.id, [event(0)])
+        started = time.monotonic()
+        await watch.wait(2.0)  # a wake-up, or (on engines that cannot tell) the time-out
+        assert time.monotonic() - started <= 2.5
+    finally:
+        watch.close()
+
+
+async def test_postgresql_wakes_a_watch_for_another_process_within_milliseconds(postgres_url: str) -> None:
+    following, writing = open_store(postgres_url), open_store(postgres_url)
+    await following.open()
+    await writing.open()
+    try:
+        alpha, _ = await workspaces(writing)
+        made = await stored(writing, alpha, "elsewhere")
+        watch = following.watch_events(made.id)
+        other = following.watch_events("resp_someone_else")
+        try:
+            started = time.monotonic()
+            await writing.append_events(made.id, [event(0)])
+            await watch.wait(5.0)
+            assert time.monotonic() - started < 0.5
+            started = time.monotonic()
+            await other.wait(0.3)  # not its response: no wake-up
+            assert time.monotonic() - started >= 0.25
+        finally:
+            watch.close()
+            other.close()
+    finally:
+        await following.close()
+        await writing.close()
+
+
 # --------------------------------------------------------------------------- responses
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from venna.backends.store.protocol import (
     UNREADABLE_MESSAGE,
     ChainTooDeep,
+    EventWatch,
     InputItemsPage,
     KeyRecord,
     PendingResponse,
@@ -27,6 +28,7 @@ from venna.backends.store.protocol import (
 __all__ = [
     "UNREADABLE_MESSAGE",
     "ChainTooDeep",
+    "EventWatch",
     "InputItemsPage",
     "KeyRecord",
     "PendingResponse",

@@ -143,6 +143,17 @@ def item_id(item: response_pb2.Item) -> str:
     return getattr(item, kind).id if kind else ""
 
 
+class EventWatch(Protocol):
+    """Wake-ups for a follower of one response's stored events (see ResponseStore.watch_events)."""
+
+    async def wait(self, seconds: float) -> None:
+        """Returns once events of the response may have been stored since the previous wait (or
+        since the watch began), or after ``seconds``."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class ResponseStore(Protocol):
     """Durable state: workspace keys, responses with their items and stream events, usage."""
 
@@ -245,6 +256,12 @@ class ResponseStore(Protocol):
         self, workspace_id: str, response_id: str, after: int
     ) -> Awaitable[list[events_pb2.ResponseStreamEvent]]:
         """The stored events numbered above ``after``, in order (none for another workspace's)."""
+        ...
+
+    def watch_events(self, response_id: str) -> EventWatch:
+        """Wake-ups when the response's events or state are stored, by this process or, where the
+        engine can tell, by any other (otherwise the wait just times out: a slow poll). The stored
+        events stay the source of truth: a wake-up only says to read them again."""
         ...
 
     def last_sequence_number(self, response_id: str) -> Awaitable[int]:

@@ -10,6 +10,7 @@ a failing write fails alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -54,10 +55,16 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "vk_"
 # The notification channel of key revocations (no payload: listeners forget every cached key).
 _KEYS_CHANNEL = "venna_keys"
+# Notifications of stored events: the response ids of a commit, comma-separated, or "*" when
+# they would not fit PostgreSQL's payload limit (8,000 bytes). One per commit, not per event.
+_EVENTS_CHANNEL = "venna_events"
+_MAX_PAYLOAD = 7000
 _T = TypeVar("_T")
 # A write: new rows to insert, or a function of the connection (run inside the batch's
 # transaction).
 _Write = NewRows | Callable[[Connection], Awaitable[Any]]
+# A queued write, its caller's future, and the responses it touches.
+_Queued = tuple[_Write, "asyncio.Future[Any]", tuple[str, ...]]
 
 _USAGE_UPSERT = (
     "INSERT INTO usage (response_id, workspace_id, model, status, input_tokens, output_tokens,"
@@ -91,7 +98,9 @@ class PostgresStore:
         self.url = url
         self._sizes = (min_connections, max_connections)
         self._pool: asyncpg.Pool | None = None
-        self._writes: asyncio.Queue[tuple[_Write, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._writes: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        # Followers of stored events in this process, by response id.
+        self._watches: dict[str, set[_Watch]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._revoked: list[Callable[[], None]] = []
         # One connection of its own, listening for notifications of other processes.
@@ -112,6 +121,7 @@ class PostgresStore:
                 await migrate(connection)
             self._listener = await asyncpg.connect(self.url)
             await self._listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
+            await self._listener.add_listener(_EVENTS_CHANNEL, self._events_stored)
             self._listener.add_termination_listener(self._listener_lost)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
             if self._listener is not None:
@@ -138,11 +148,13 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ the writer
 
-    def _queue(self, write: _Write) -> asyncio.Future[Any]:
+    def _queue(self, write: _Write, touched: tuple[str, ...] = ()) -> asyncio.Future[Any]:
+        """Queues a write; ``touched``: the responses whose events or state it stores, announced
+        to followers everywhere when it commits."""
         if self._writer is None:
             raise RuntimeError("the store is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait((write, future))
+        self._writes.put_nowait((write, future, touched))
         return future
 
     async def _write_batches(self) -> None:
@@ -162,22 +174,24 @@ class PostgresStore:
             if stop:
                 return
 
-    async def _commit(self, batch: list[tuple[_Write, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[_Queued]) -> None:
         try:
             async with self.pool.acquire() as connection, connection.transaction():
-                results = await self._run_merged(connection, [write for write, _ in batch])
+                results = await self._run_merged(connection, [write for write, _, _ in batch])
+                await _announce(connection, {id_ for _, _, touched in batch for id_ in touched})
         except Exception:
             # Which one failed is not known: each on its own, so that only it fails.
-            for write, future in batch:
+            for write, future, touched in batch:
                 try:
                     async with self.pool.acquire() as connection, connection.transaction():
                         (result,) = await self._run_merged(connection, [write])
+                        await _announce(connection, set(touched))
                 except Exception as error:
                     _settle(future, error=error)
                 else:
                     _settle(future, result)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             _settle(future, result)
 
     async def _run_merged(self, connection: Connection, writes: Sequence[_Write]) -> list[Any]:
@@ -261,6 +275,25 @@ class PostgresStore:
                 " now stops working here when its cache entry expires"
             )
 
+    def watch_events(self, response_id: str) -> _Watch:
+        watch = _Watch(self, response_id)
+        self._watches.setdefault(response_id, set()).add(watch)
+        return watch
+
+    def _unwatch(self, watch: _Watch) -> None:
+        watches = self._watches.get(watch.response_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.response_id]
+
+    def _events_stored(self, _connection: object, _pid: object, _channel: object, payload: object) -> None:
+        """A commit (of any process) stored events or state of the responses in ``payload``."""
+        ids = self._watches if payload == "*" else str(payload).split(",")
+        for response_id in list(ids):
+            for watch in self._watches.get(response_id, ()):
+                watch.wake()
+
     def _key_revoked(self, *_: object) -> None:
         for callback in self._revoked:
             callback()
@@ -292,7 +325,8 @@ class PostgresStore:
         return self._queue(
             new_response_rows(
                 workspace_id, response, input_items, request=request, events=events, finished=finished
-            )
+            ),
+            (response.id,) if events else (),
         )
 
     def save_response(
@@ -332,12 +366,12 @@ class PostgresStore:
                 await connection.executemany(_EVENT_INSERT, appended)
             return True
 
-        return self._queue(save)
+        return self._queue(save, (response.id,))
 
     def append_events(
         self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
     ) -> asyncio.Future[None]:
-        return self._queue(event_rows(response_id, events))
+        return self._queue(event_rows(response_id, events), (response_id,))
 
     def record_usage(self, workspace_id: str, response: response_pb2.Response) -> asyncio.Future[None]:
         return self._queue(usage_rows(workspace_id, response))
@@ -569,3 +603,34 @@ def _settle(
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+async def _announce(connection: Connection, response_ids: set[str]) -> None:
+    """One notification for the commit, delivered to every listener when it commits."""
+    if not response_ids:
+        return
+    payload = ",".join(sorted(response_ids))
+    if len(payload) > _MAX_PAYLOAD:
+        payload = "*"
+    await connection.execute("SELECT pg_notify($1, $2)", _EVENTS_CHANNEL, payload)
+
+
+class _Watch:
+    """An EventWatch woken by the store's notifications."""
+
+    def __init__(self, store: PostgresStore, response_id: str) -> None:
+        self.response_id = response_id
+        self._store = store
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._woken.wait()
+        self._woken.clear()
+
+    def close(self) -> None:
+        self._store._unwatch(self)

@@ -149,6 +149,11 @@ class SqliteStore:
     ) -> asyncio.Future[list[events_pb2.ResponseStreamEvent]]:
         return self._thread.call(self.queries.events_after, workspace_id, response_id, after)
 
+    def watch_events(self, response_id: str) -> _Poll:
+        # One process per file, whose own followers follow live responses in memory: a
+        # follower of the store only polls.
+        return _Poll()
+
     def last_sequence_number(self, response_id: str) -> asyncio.Future[int]:
         return self._thread.call(self.queries.last_sequence_number, response_id)
 
@@ -169,3 +174,13 @@ class SqliteStore:
         return self._thread.call(
             self.queries.usage_totals, workspace_id, since=since, until=until, group_by_model=group_by_model
         )
+
+
+class _Poll:
+    """An EventWatch that only waits out its timeout."""
+
+    async def wait(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def close(self) -> None:
+        pass
