@@ -20,6 +20,8 @@ from venna.backends.store.protocol import (
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 INPUT, OUTPUT = 0, 1
+# Every key begins so: anything else is refused without a lookup.
+KEY_PREFIX = "vk_"
 
 _M = TypeVar("_M", bound=Message)
 

@@ -34,6 +34,7 @@ from venna.backends.store.protocol import (
 )
 from venna.backends.store.records import (
     INPUT,
+    KEY_PREFIX,
     OUTPUT,
     NewRows,
     body_without_output,
@@ -52,7 +53,6 @@ __all__ = ["PostgresStore"]
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "vk_"
 # The notification channel of key revocations (no payload: listeners forget every cached key).
 _KEYS_CHANNEL = "venna_keys"
 # Notifications of stored events: the response ids of a commit, comma-separated, or "*" when

@@ -24,6 +24,7 @@ from venna.backends.store.protocol import (
 )
 from venna.backends.store.records import (
     INPUT,
+    KEY_PREFIX,
     OUTPUT,
     NewRows,
     body_without_output,
@@ -43,8 +44,6 @@ from venna.backends.store.sqlite.rows import (
 )
 from venna.backends.store.sqlite.schema import UNFINISHED_STATUSES, migrations, prepare_private_file
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
-
-KEY_PREFIX = "vk_"
 
 
 class Store:
