@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from venna.backends.store import open_store
 from venna.responses.v1 import service_pb2, service_pb2_grpc, usage_pb2, usage_pb2_grpc
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
-from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH
+from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH, Creation
 from venna.server.routing import Router, default_router
 from venna.server.runner import BackgroundRunner
 from venna.server.service import ResponsesService
@@ -146,13 +146,14 @@ class VennaServer:
         self.store = open_store(config.db_path)
         self.router = router or default_router(config.routing_config)
         self.runner = BackgroundRunner(self.store, self.router, config.background_concurrency)
-        self.service = ResponsesService(
+        creation = Creation(
             self.store,
             self.router,
             self.runner,
             max_chain_depth=config.max_chain_depth,
             max_background_per_workspace=config.max_background_per_workspace,
         )
+        self.service = ResponsesService(self.store, self.runner, creation)
         self.usage = UsageService(self.store)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
         self.authenticator = Authenticator(

@@ -91,6 +91,12 @@ _TERMINAL_KINDS = {
     response_pb2.RESPONSE_STATUS_INCOMPLETE: "incomplete",
     response_pb2.RESPONSE_STATUS_FAILED: "failed",
 }
+_TERMINAL_NAMES = frozenset(_TERMINAL_KINDS.values())
+
+
+def ends_stream(event: Event) -> bool:
+    """Whether ``event`` is a terminal one (completed, incomplete or failed)."""
+    return event.WhichOneof("event") in _TERMINAL_NAMES
 
 
 def terminal_event(response: response_pb2.Response, sequence_number: int) -> Event | None:

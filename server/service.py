@@ -14,15 +14,15 @@ from venna.backends import base
 from venna.backends.store import ResponseStore, UnreadableRecord, item_id, unreadable_response
 from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 from venna.server import auth, errors
-from venna.server.builder import ENCRYPTED_REASONING, Event, terminal_event, without_encrypted_reasoning
-from venna.server.creation import (
-    DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
-    DEFAULT_MAX_CHAIN_DEPTH,
-    UNFINISHED,
-    Creation,
+from venna.server.builder import (
+    ENCRYPTED_REASONING,
+    Event,
+    ends_stream,
+    terminal_event,
+    without_encrypted_reasoning,
 )
+from venna.server.creation import UNFINISHED, Creation
 from venna.server.execution import Execution
-from venna.server.routing import Router
 from venna.server.runner import BackgroundRunner
 from venna.server.validation import Violation, check_include, raise_if_any
 
@@ -32,30 +32,15 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 # How often a follower of another process's response reads the store when no wake-up comes.
 FOLLOW_POLL_SECONDS = 1.0
-_TERMINAL_EVENTS = frozenset({"completed", "incomplete", "failed"})
 
 
 class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
     """The Responses RPCs: thin adapters over the create pipeline, the runner and the store."""
 
-    def __init__(
-        self,
-        store: ResponseStore,
-        router: Router,
-        runner: BackgroundRunner,
-        *,
-        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
-        max_background_per_workspace: int = DEFAULT_MAX_BACKGROUND_PER_WORKSPACE,
-    ) -> None:
+    def __init__(self, store: ResponseStore, runner: BackgroundRunner, creation: Creation) -> None:
         self._store = store
         self._runner = runner
-        self.creation = Creation(
-            store,
-            router,
-            runner,
-            max_chain_depth=max_chain_depth,
-            max_background_per_workspace=max_background_per_workspace,
-        )
+        self.creation = creation
         # Stored responses found unreadable, each reported once (a client may poll one).
         self._reported_unreadable: set[str] = set()
 
@@ -160,7 +145,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
                 for event in stored:
                     yield event
                     after = event.sequence_number
-                    if event.WhichOneof("event") in _TERMINAL_EVENTS:
+                    if ends_stream(event):
                         return
                 if not stored:
                     current = await self._store.get_response(workspace_id, response_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -15,7 +15,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from venna.backends.store.protocol import (
+    PendingResponse,
+    UnreadableRecord,
     item_id,
+    unreadable_response,
 )
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
@@ -50,6 +53,57 @@ def is_terminal_event(body: bytes) -> bool:
         return False
     fields = UnknownFieldSet(shallow)
     return any(fields[index].field_number in _TERMINAL_EVENT_FIELDS for index in range(len(fields)))
+
+
+def decode_item(body: bytes, response_id: str, item_id: str | None = None) -> response_pb2.Item:
+    """A stored item; UnreadableRecord (naming its response, and the item if known) if it
+    cannot be decoded."""
+    item = decode(response_pb2.Item, body)
+    if item is None:
+        raise UnreadableRecord(response_id, item_id=item_id)
+    return item
+
+
+def decode_events(response_id: str, bodies: Iterable[bytes]) -> list[events_pb2.ResponseStreamEvent]:
+    """Stored events in order; UnreadableRecord at the first that cannot be decoded, with the
+    events before it in ``readable``."""
+    events: list[events_pb2.ResponseStreamEvent] = []
+    for body in bodies:
+        event = decode(events_pb2.ResponseStreamEvent, body)
+        if event is None:
+            raise UnreadableRecord(response_id, readable=events)
+        events.append(event)
+    return events
+
+
+def terminal_event_of(response_id: str, last_body: bytes | None) -> events_pb2.ResponseStreamEvent | None:
+    """The response's last stored event if it ends the stream, else None; UnreadableRecord if
+    it is terminal but cannot be decoded."""
+    if last_body is None or not is_terminal_event(last_body):
+        return None
+    event = decode(events_pb2.ResponseStreamEvent, last_body)
+    if event is None:
+        raise UnreadableRecord(response_id)
+    return event
+
+
+def pending_response(
+    workspace_id: str,
+    response_id: str,
+    status: int,
+    background: bool,
+    created_at: int,
+    body: bytes,
+    request: bytes | None,
+) -> PendingResponse:
+    """An unfinished response as recovery sees it: ``unreadable`` (with a placeholder body)
+    rather than an error when its body or request cannot be decoded."""
+    response = decode(response_pb2.Response, body)
+    kept = decode(service_pb2.CreateResponseRequest, request) if request else None
+    unreadable = response is None or (request is not None and kept is None)
+    if response is None:
+        response = unreadable_response(response_id, created_at, background=background, status=status)
+    return PendingResponse(workspace_id, response, kept, unreadable=unreadable)
 
 
 def hash_key(key: str) -> str:

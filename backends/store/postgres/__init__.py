@@ -30,7 +30,6 @@ from venna.backends.store.protocol import (
     UnreadableRecord,
     UsageTotal,
     Workspace,
-    unreadable_response,
 )
 from venna.backends.store.records import (
     INPUT,
@@ -39,11 +38,14 @@ from venna.backends.store.records import (
     NewRows,
     body_without_output,
     decode,
+    decode_events,
+    decode_item,
     event_rows,
     hash_key,
-    is_terminal_event,
     item_rows,
     new_response_rows,
+    pending_response,
+    terminal_event_of,
     usage_row,
     usage_rows,
 )
@@ -434,15 +436,7 @@ class PostgresStore:
             return None
         if max_depth is not None and rows[0]["depth"] >= max_depth:
             raise ChainTooDeep(max_depth)
-        context: list[response_pb2.Item] = []
-        for _, owner, found_id, body in rows:
-            if body is None:
-                continue
-            item = decode(response_pb2.Item, body)
-            if item is None:
-                raise UnreadableRecord(owner, item_id=found_id)
-            context.append(item)
-        return context
+        return [decode_item(body, owner, found_id) for _, owner, found_id, body in rows if body is not None]
 
     async def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
         if not item_ids:
@@ -453,13 +447,7 @@ class PostgresStore:
             workspace_id,
             list(item_ids),
         )
-        found: dict[str, response_pb2.Item] = {}
-        for found_id, owner, body in rows:
-            item = decode(response_pb2.Item, body)
-            if item is None:
-                raise UnreadableRecord(owner, item_id=found_id)
-            found[found_id] = item
-        return found
+        return {found_id: decode_item(body, owner, found_id) for found_id, owner, body in rows}
 
     async def list_input_items(
         self, workspace_id: str, response_id: str, *, limit: int, ascending: bool, after: str | None
@@ -492,12 +480,7 @@ class PostgresStore:
                 bound,
                 limit + 1,
             )
-        items: list[response_pb2.Item] = []
-        for row in rows[:limit]:
-            item = decode(response_pb2.Item, row["body"])
-            if item is None:
-                raise UnreadableRecord(response_id)
-            items.append(item)
+        items = [decode_item(row["body"], response_id) for row in rows[:limit]]
         return InputItemsPage(items=items, has_more=len(rows) > limit)
 
     async def events_after(
@@ -511,13 +494,7 @@ class PostgresStore:
             workspace_id,
             after,
         )
-        events: list[events_pb2.ResponseStreamEvent] = []
-        for row in rows:
-            event = decode(events_pb2.ResponseStreamEvent, row["body"])
-            if event is None:
-                raise UnreadableRecord(response_id, readable=events)
-            events.append(event)
-        return events
+        return decode_events(response_id, (row["body"] for row in rows))
 
     async def last_sequence_number(self, response_id: str) -> int:
         last = await self.pool.fetchval(
@@ -530,27 +507,17 @@ class PostgresStore:
             "SELECT body FROM events WHERE response_id = $1 ORDER BY sequence_number DESC LIMIT 1",
             response_id,
         )
-        if body is None or not is_terminal_event(body):
-            return None
-        event = decode(events_pb2.ResponseStreamEvent, body)
-        if event is None:
-            raise UnreadableRecord(response_id)
-        return event
+        return terminal_event_of(response_id, body)
 
     async def pending_responses(self) -> list[PendingResponse]:
         rows = await self.pool.fetch(
             "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
             f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, id"
         )
-        pending: list[PendingResponse] = []
-        for response_id, workspace_id, status, background, created_at, body, request in rows:
-            response = decode(response_pb2.Response, body)
-            kept = decode(service_pb2.CreateResponseRequest, request) if request else None
-            unreadable = response is None or (request is not None and kept is None)
-            if response is None:
-                response = unreadable_response(response_id, created_at, background=background, status=status)
-            pending.append(PendingResponse(workspace_id, response, kept, unreadable=unreadable))
-        return pending
+        return [
+            pending_response(workspace_id, response_id, status, background, created_at, body, request)
+            for response_id, workspace_id, status, background, created_at, body, request in rows
+        ]
 
     # ------------------------------------------------------------------ usage
 

@@ -20,7 +20,6 @@ from venna.backends.store.protocol import (
     UnreadableRecord,
     UsageTotal,
     Workspace,
-    unreadable_response,
 )
 from venna.backends.store.records import (
     INPUT,
@@ -29,10 +28,13 @@ from venna.backends.store.records import (
     NewRows,
     body_without_output,
     decode,
+    decode_events,
+    decode_item,
     event_tuples,
     hash_key,
-    is_terminal_event,
     item_rows,
+    pending_response,
+    terminal_event_of,
     usage_row,
 )
 from venna.backends.store.sqlite.rows import (
@@ -43,7 +45,7 @@ from venna.backends.store.sqlite.rows import (
     insert_rows,
 )
 from venna.backends.store.sqlite.schema import UNFINISHED_STATUSES, migrations, prepare_private_file
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.responses.v1 import events_pb2, response_pb2
 
 
 class Store:
@@ -281,15 +283,7 @@ class Store:
             return None
         if max_depth is not None and rows[0][0] >= max_depth:
             raise ChainTooDeep(max_depth)
-        context: list[response_pb2.Item] = []
-        for _, owner, found_id, body in rows:
-            if body is None:
-                continue
-            item = decode(response_pb2.Item, body)
-            if item is None:
-                raise UnreadableRecord(owner, item_id=found_id)
-            context.append(item)
-        return context
+        return [decode_item(body, owner, found_id) for _, owner, found_id, body in rows if body is not None]
 
     def find_items(self, workspace_id: str, item_ids: Sequence[str]) -> dict[str, response_pb2.Item]:
         """Stored items of this workspace by id (for item_reference inputs).
@@ -304,13 +298,7 @@ class Store:
             f" WHERE workspace_id = ? AND item_id IN ({marks}) ORDER BY seq",
             [workspace_id, *item_ids],
         ).fetchall()
-        found: dict[str, response_pb2.Item] = {}
-        for found_id, owner, body in rows:
-            item = decode(response_pb2.Item, body)
-            if item is None:
-                raise UnreadableRecord(owner, item_id=found_id)
-            found[found_id] = item
-        return found
+        return {found_id: decode_item(body, owner, found_id) for found_id, owner, body in rows}
 
     def list_input_items(
         self,
@@ -347,12 +335,7 @@ class Store:
             f" ORDER BY position {direction} LIMIT ?",
             [response_id, INPUT, bound, limit + 1],
         ).fetchall()
-        items: list[response_pb2.Item] = []
-        for (body,) in rows[:limit]:
-            item = decode(response_pb2.Item, body)
-            if item is None:
-                raise UnreadableRecord(response_id)
-            items.append(item)
+        items = [decode_item(body, response_id) for (body,) in rows[:limit]]
         return InputItemsPage(items=items, has_more=len(rows) > limit)
 
     def events_after(
@@ -369,13 +352,7 @@ class Store:
             " ORDER BY e.sequence_number",
             [response_id, workspace_id, after],
         ).fetchall()
-        events: list[events_pb2.ResponseStreamEvent] = []
-        for (body,) in rows:
-            event = decode(events_pb2.ResponseStreamEvent, body)
-            if event is None:
-                raise UnreadableRecord(response_id, readable=events)
-            events.append(event)
-        return events
+        return decode_events(response_id, (body for (body,) in rows))
 
     def last_sequence_number(self, response_id: str) -> int:
         row = self._conn.execute(
@@ -390,12 +367,7 @@ class Store:
             "SELECT body FROM events WHERE response_id = ? ORDER BY sequence_number DESC LIMIT 1",
             [response_id],
         ).fetchone()
-        if row is None or not is_terminal_event(row[0]):
-            return None
-        event = decode(events_pb2.ResponseStreamEvent, row[0])
-        if event is None:
-            raise UnreadableRecord(response_id)
-        return event
+        return terminal_event_of(response_id, row[0] if row is not None else None)
 
     def pending_responses(self) -> list[PendingResponse]:
         """Responses left queued or in progress, oldest first (for recovery at start-up).
@@ -408,14 +380,7 @@ class Store:
             "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
             f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, rowid"
         ).fetchall()
-        pending: list[PendingResponse] = []
-        for response_id, workspace_id, status, background, created_at, body, request in rows:
-            response = decode(response_pb2.Response, body)
-            kept = decode(service_pb2.CreateResponseRequest, request) if request else None
-            unreadable = response is None or (request is not None and kept is None)
-            if response is None:
-                response = unreadable_response(
-                    response_id, created_at, background=bool(background), status=status
-                )
-            pending.append(PendingResponse(workspace_id, response, kept, unreadable=unreadable))
-        return pending
+        return [
+            pending_response(workspace_id, response_id, status, bool(background), created_at, body, request)
+            for response_id, workspace_id, status, background, created_at, body, request in rows
+        ]
