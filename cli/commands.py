@@ -116,6 +116,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
     )
     serve_command.add_argument(
+        "--lease-seconds",
+        type=_number(float, "VENNA_LEASE_SECONDS"),
+        default=_env("VENNA_LEASE_SECONDS", str(DEFAULTS.lease_seconds)),
+        metavar="SECONDS",
+        help="how long an unfinished response stays this process's without a renewal: the delay "
+        "before another replica recovers a lost replica's work (env VENNA_LEASE_SECONDS)",
+    )
+    serve_command.add_argument(
         "--key-cache-seconds",
         type=_number(float, "VENNA_KEY_CACHE_SECONDS"),
         default=_env("VENNA_KEY_CACHE_SECONDS", str(DEFAULTS.key_cache_seconds)),
@@ -337,6 +345,7 @@ def _serve_config(options: argparse.Namespace) -> ServerConfig:
         db_path=options.db,
         shutdown_grace=options.shutdown_grace,
         background_concurrency=options.background_concurrency,
+        lease_seconds=options.lease_seconds,
         routing_config=options.config,
         key_cache_seconds=options.key_cache_seconds,
         **_limit_settings(options),  # type: ignore[arg-type]  # each flag's type is its field's

@@ -39,6 +39,9 @@ class ServerConfig:
     # Seconds in-flight calls and background responses get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     background_concurrency: int = 64
+    # How long this process holds an unfinished response without renewing its lease: after a
+    # crash, another replica settles or re-runs the response within about this long.
+    lease_seconds: float = 30.0
     # The routing table (upstreams, aliases); ./venna.toml when unset and that file exists.
     routing_config: Path | None = None
     # How long an accepted key is trusted without asking the store: a revoked key keeps
@@ -90,6 +93,7 @@ class ServerConfig:
             "max_connection_age_grace",
             "keepalive_time",
             "keepalive_timeout",
+            "lease_seconds",
         )
         for name in (*counts, "max_streams_per_connection", *durations):
             if getattr(self, name) <= 0:
@@ -145,7 +149,9 @@ class VennaServer:
         self.config = config
         self.store = open_store(config.db_path)
         self.router = router or default_router(config.routing_config)
-        self.runner = BackgroundRunner(self.store, self.router, config.background_concurrency)
+        self.runner = BackgroundRunner(
+            self.store, self.router, config.background_concurrency, lease_seconds=config.lease_seconds
+        )
         creation = Creation(
             self.store,
             self.router,
@@ -208,7 +214,7 @@ class VennaServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.grpc_listen} (in use, or not a local address)")
         await self.server.start()
-        await self.runner.recover()
+        await self.runner.start()
         for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC listening on %s", self.address)

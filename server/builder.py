@@ -66,6 +66,8 @@ class _OpenItem:
 
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+# The statuses of a response that has not finished (queued, or being generated).
+UNFINISHED = (response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS)
 
 
 def without_encrypted_reasoning(response: response_pb2.Response) -> response_pb2.Response:

@@ -21,7 +21,7 @@ from venna.backends import base
 from venna.backends.store import ChainTooDeep, ResponseStore, UnreadableRecord
 from venna.responses.v1 import response_pb2, service_pb2
 from venna.server import auth, errors
-from venna.server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
+from venna.server.builder import ENCRYPTED_REASONING, UNFINISHED, Event, ResponseBuilder
 from venna.server.execution import Execution
 from venna.server.generation import generation_request
 from venna.server.ids import new_id
@@ -42,7 +42,6 @@ _ITEM_ID_PREFIXES = {
     "reasoning": "rs",
     "web_search_call": "ws",
 }
-UNFINISHED = (response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS)
 
 
 @dataclass(slots=True)
@@ -186,7 +185,12 @@ class Creation:
             builder = run.builder
             events = builder.created()
             await self._store.create_response(
-                workspace_id, builder.response, run.input_items, request=run.request, events=events
+                workspace_id,
+                builder.response,
+                run.input_items,
+                request=run.request,
+                events=events,
+                lease=self._runner.lease,
             )
             # The caller gets the queued snapshot; the runner mutates its own copy.
             running = response_pb2.Response()
@@ -231,8 +235,13 @@ class Creation:
         builder = run.builder
         response = builder.response
         if run.stored:
-            await self._store.create_response(run.workspace_id, response, run.input_items)
+            # Held by this process while it is generated: should it crash, another replica
+            # settles the response as failed.
+            await self._store.create_response(
+                run.workspace_id, response, run.input_items, lease=self._runner.lease
+            )
             run.announced = True
+            self._runner.hold(response.id)
         head = builder.created() + builder.started()
         try:
             async with aclosing(execution.batches()) as batches:
@@ -248,7 +257,8 @@ class Creation:
                     # final state is stored: what a caller saw end is never lost.
                     for event in batch[:-1]:
                         yield event
-                    await self.save(run)
+                    if not await self.save(run):
+                        raise _taken_over(response.id)
                     yield batch[-1]
         except base.BackendError as error:
             raise await self.failed(run, error) from None
@@ -273,13 +283,15 @@ class Creation:
             run.builder.cancelled()
         self._save_detached(run)
 
-    async def save(self, run: Run) -> None:
-        """The final write of a finished response. An unstored one leaves only its usage
-        record, which nothing in the reply depends on: that is written without waiting."""
+    async def save(self, run: Run) -> bool:
+        """The final write of a finished response; False if another process held the
+        response by then (it settled it: nothing was written here). An unstored response
+        leaves only its usage record, which nothing in the reply depends on: that is written
+        without waiting."""
         if run.stored:
-            await self._write(run)
-        else:
-            self._save_detached(run)
+            return await self._write(run) is not False
+        self._save_detached(run)
+        return True
 
     def _write(self, run: Run) -> Awaitable[object]:
         """Queues the final write of a finished response; await it to know it is stored."""
@@ -288,8 +300,11 @@ class Creation:
         if run.stored and not run.announced:
             return self._store.create_response(run.workspace_id, response, run.input_items, finished=True)
         if run.stored:
-            # The usage record is written in the same transaction.
-            return self._store.save_response(run.workspace_id, response, finished=True)
+            # The usage record is written in the same transaction; the lease ends with it.
+            self._runner.let_go(response.id)
+            return self._store.save_response(
+                run.workspace_id, response, finished=True, lease=self._runner.lease
+            )
         return self._store.record_usage(run.workspace_id, response)
 
     async def _write_detached(self, run: Run) -> None:
@@ -307,6 +322,17 @@ class Creation:
         """Waits for detached writes (at shutdown)."""
         while self._detached:
             await asyncio.wait(set(self._detached))
+
+
+def _taken_over(response_id: str) -> errors.ServiceError:
+    """The stream of a response that another process settled meanwhile (this one could not
+    renew its lease in time): its caller is told so, never shown an end that was not stored."""
+    return errors.ServiceError(
+        grpc.StatusCode.ABORTED,
+        f"Response '{response_id}' was settled by another server while this one generated it;"
+        " retrieve it for its stored state.",
+        reason="RESPONSE_TAKEN_OVER",
+    )
 
 
 def _unreadable_previous(previous_response_id: str, error: UnreadableRecord) -> errors.ServiceError:

@@ -1,9 +1,15 @@
-"""The durable background runner: runs ``background: true`` responses and keeps their streams.
+"""The durable background runner: runs ``background: true`` responses, keeps their streams,
+and holds what this process runs through leases.
 
 Durability comes from the store: a background response is stored (with its request and its
 first events) before CreateResponse returns, and every later event is persisted *before*
-followers see it, so no client can have seen an event that a crash loses. After a crash or
-restart, ``recover()`` settles what the previous process left:
+followers see it, so no client can have seen an event that a crash loses.
+
+Ownership comes from leases (see the store's protocol). This process holds every unfinished
+response it runs (background ones, and streamed ones being generated) and renews the lease
+every third of its length; each write of a run carries the lease, so a process that lost a
+response (its lease expired and another process claimed it) writes nothing more of it. A
+maintenance loop claims what nobody holds, on every replica with room:
 
 * a response still **queued** never produced anything, so it is run again from its stored
   request;
@@ -12,16 +18,23 @@ restart, ``recover()`` settles what the previous process left:
 * a response whose stored stream already ended (a database written before the end of a stream
   and the final state were stored together) is settled from its last event, never given a
   second one;
+* a response somebody asked to cancel is stored cancelled;
 * a response whose stored body, request or context cannot be decoded is marked failed in
   place, with one warning: one such row never stops the server from starting.
+
+At start, a store used by this process alone (SQLite) is claimed whole at once; on a shared
+store (PostgreSQL) only what no live replica holds is.
 
 The terminal event (completed, incomplete or failed) is stored in the same transaction as the
 response's final state, and published only once that committed: a stored response has at most
 one terminal event, always its last, and no follower sees it before it is durable. A cancelled
-response has none: its stream simply ends.
+response has none: its stream simply ends. A cancel asked of another process reaches the owner
+through the store (a flag and a notification); an owner that does not answer in time loses the
+response to the process that asked.
 
 Nothing is left queued or in progress forever. A graceful shutdown waits for running
-responses up to a grace period, fails the ones still running and leaves queued ones queued.
+responses up to a grace period, fails the ones still running and releases queued ones to the
+other replicas (or to the next start).
 """
 
 from __future__ import annotations
@@ -31,12 +44,13 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import secrets
 from collections.abc import AsyncGenerator
 
 from venna.backends import base
-from venna.backends.store import UNREADABLE_MESSAGE, PendingResponse, ResponseStore, UnreadableRecord
+from venna.backends.store import UNREADABLE_MESSAGE, Lease, PendingResponse, ResponseStore, UnreadableRecord
 from venna.responses.v1 import response_pb2, service_pb2
-from venna.server.builder import ENCRYPTED_REASONING, Event, ResponseBuilder
+from venna.server.builder import ENCRYPTED_REASONING, UNFINISHED, Event, ResponseBuilder
 from venna.server.execution import Execution
 from venna.server.generation import generation_request
 from venna.server.routing import Router
@@ -48,6 +62,11 @@ RESTART_MESSAGE = "The server restarted before the response finished."
 UNREADABLE_CONTEXT_MESSAGE = (
     "The response could not be run: a stored response it continues could not be read."
 )
+# How long a cancel asked of another process waits for that process to store the response
+# cancelled, before taking the response over and cancelling it here.
+CANCEL_WAIT_SECONDS = 5.0
+# How often a waiting cancel reads the store when no wake-up comes.
+_CANCEL_POLL_SECONDS = 0.5
 
 
 class LiveResponse:
@@ -65,6 +84,8 @@ class LiveResponse:
         self.terminal: list[Event] = []
         self.done = False
         self.shutting_down = False
+        # Another process holds the response now: this one stops and writes nothing more.
+        self.lost = False
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         # The task storing and then publishing ``unpublished``, if one is running.
@@ -107,13 +128,40 @@ class LiveResponse:
 class BackgroundRunner:
     """Runs background responses with bounded concurrency and streams them to followers."""
 
-    def __init__(self, store: ResponseStore, router: Router, concurrency: int = 64) -> None:
+    def __init__(
+        self, store: ResponseStore, router: Router, concurrency: int = 64, *, lease_seconds: float = 30.0
+    ) -> None:
         self._store = store
         self._router = router
+        self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._live: dict[str, LiveResponse] = {}
         # Live responses (queued or running here) per workspace.
         self._per_workspace: collections.Counter[str] = collections.Counter()
+        # This process's hold on what it runs; a new owner name at each start.
+        self.lease = Lease(
+            owner="srv_" + secrets.token_hex(8), milliseconds=max(1, int(lease_seconds * 1000))
+        )
+        # Streamed (not background) responses being generated here, held by the lease too.
+        self._streaming: set[str] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._cancels: set[asyncio.Task[object]] = set()
+        # Queued responses left unstarted by a shutdown, released when it ends.
+        self._released: list[str] = []
+        store.on_cancel_requested(self._cancel_requested)
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between renewals (and claims): a third of the lease, so that one late or
+        failed renewal does not lose it."""
+        return self.lease.milliseconds / 3000
+
+    def hold(self, response_id: str) -> None:
+        """Keeps the lease on a streamed response renewed while it is generated here."""
+        self._streaming.add(response_id)
+
+    def let_go(self, response_id: str) -> None:
+        self._streaming.discard(response_id)
 
     def active(self, workspace_id: str) -> int:
         """How many background responses of the workspace this process has queued or running."""
@@ -150,17 +198,89 @@ class BackgroundRunner:
         await asyncio.wait({live.task})
         return live.builder.response
 
-    async def recover(self) -> None:
-        """Settles the background responses a previous process left unfinished; whatever one
-        stored row holds, the others are settled and the server starts."""
-        for pending in await self._store.pending_responses():
+    async def start(self) -> None:
+        """Settles or re-runs what a previous process left (all of it on a store of this process
+        alone), then keeps leases renewed and claims lost work until shutdown."""
+        await self._claim(expired_only=self._store.shared)
+        self._maintenance = asyncio.create_task(self._maintain(), name="venna-leases")
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_interval)
+            try:
+                await self._renew()
+                await self._claim(expired_only=True)
+            except Exception:
+                # The store is unreachable for now: the next round tries again. Leases not
+                # renewed in time are lost to other replicas, whose writes then win.
+                log.exception("could not renew leases or claim work")
+
+    async def _renew(self) -> None:
+        held = [*self._live, *self._streaming]
+        if not held:
+            return
+        renewal = await self._store.renew_leases(self.lease, held)
+        self._streaming -= renewal.lost
+        for response_id in renewal.lost:
+            live = self._live.get(response_id)
+            if live is not None and not live.builder.finished and live.task is not None:
+                log.warning("lost background response %s to another process; stopped here", response_id)
+                live.lost = True
+                live.task.cancel()
+        for response_id in renewal.cancelling:
+            self._cancel_requested(response_id)
+
+    async def _claim(self, *, expired_only: bool) -> None:
+        """Claims the unfinished responses nobody holds: queued ones up to the room here, or
+        all of them on a store nobody else uses."""
+        room = max(0, self._concurrency - len(self._live)) if self._store.shared else 2**31 - 1
+        for pending in await self._store.claim_responses(self.lease, queued=room, expired_only=expired_only):
             try:
                 await self._recover(pending)
             except Exception:
                 log.exception("could not settle interrupted response %s", pending.response.id)
 
+    def _cancel_requested(self, response_id: str) -> None:
+        """Somebody (maybe another process) asked to cancel a response: if it runs here, stop it."""
+        live = self._live.get(response_id)
+        if live is None or live.task is None or live.builder.finished:
+            return
+        task: asyncio.Task[object] = asyncio.ensure_future(self.cancel(live.workspace_id, response_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def cancel_elsewhere(self, workspace_id: str, response_id: str) -> response_pb2.Response | None:
+        """Cancels an unfinished response this process does not run: its owner is asked and
+        given CANCEL_WAIT_SECONDS to store it cancelled; then it is taken over and stored
+        cancelled here. The response as stored at the end; None if it is gone."""
+        if self._store.shared and await self._store.request_cancel(workspace_id, response_id):
+            watch = self._store.watch_events(response_id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + CANCEL_WAIT_SECONDS
+            try:
+                while (left := deadline - loop.time()) > 0:
+                    current = await self._store.get_response(workspace_id, response_id)
+                    if current is None or current.status not in UNFINISHED:
+                        return current
+                    await watch.wait(min(left, _CANCEL_POLL_SECONDS))
+            finally:
+                watch.close()
+        if await self._store.take_over(self.lease, workspace_id, response_id):
+            current = await self._store.get_response(workspace_id, response_id)
+            if current is not None:
+                current.status = response_pb2.RESPONSE_STATUS_CANCELLED
+                await self._store.save_response(workspace_id, current, finished=True, lease=self.lease)
+            return current
+        return await self._store.get_response(workspace_id, response_id)
+
     async def _recover(self, pending: PendingResponse) -> None:
+        """Settles or re-runs one claimed response (held by this process's lease)."""
         response = pending.response
+        if pending.cancelling:
+            response.status = response_pb2.RESPONSE_STATUS_CANCELLED
+            await self._store.save_response(pending.workspace_id, response, finished=True, lease=self.lease)
+            log.info("settled response %s as cancelled, as asked before its owner was lost", response.id)
+            return
         try:
             ended = await self._store.last_terminal_event(response.id)
         except UnreadableRecord:
@@ -171,7 +291,7 @@ class BackgroundRunner:
             member = ended.WhichOneof("event")
             assert member is not None
             final: response_pb2.Response = getattr(ended, member).response
-            await self._store.save_response(pending.workspace_id, final, finished=True)
+            await self._store.save_response(pending.workspace_id, final, finished=True, lease=self.lease)
             log.info("settled response %s from its stored %s event", response.id, member)
             return
         if pending.unreadable:
@@ -216,7 +336,9 @@ class BackgroundRunner:
         events = builder.failed("server_error", message)
         if not response.background or not append:
             events = []
-        await self._store.save_response(pending.workspace_id, builder.response, events=events, finished=True)
+        await self._store.save_response(
+            pending.workspace_id, builder.response, events=events, finished=True, lease=self.lease
+        )
 
     async def generation_for(
         self, workspace_id: str, response: response_pb2.Response, request: service_pb2.CreateResponseRequest
@@ -226,17 +348,28 @@ class BackgroundRunner:
         return generation_request(request, model=request.model, context=context or [])
 
     async def shutdown(self, grace: float) -> None:
-        """Lets running responses finish for ``grace`` seconds, then fails the rest."""
+        """Lets running responses finish for ``grace`` seconds, then fails the rest; queued
+        ones are released to the other replicas (or the next start)."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
         tasks = {live.task for live in self._live.values() if live.task is not None}
-        if not tasks:
-            return
-        _, still_running = await asyncio.wait(tasks, timeout=grace)
-        for live in list(self._live.values()):
-            if live.task in still_running and not live.builder.finished:
-                live.shutting_down = True
-                live.task.cancel()
-        if still_running:
-            await asyncio.wait(still_running)
+        if tasks:
+            _, still_running = await asyncio.wait(tasks, timeout=grace)
+            for live in list(self._live.values()):
+                if live.task in still_running and not live.builder.finished:
+                    live.shutting_down = True
+                    live.task.cancel()
+            if still_running:
+                await asyncio.wait(still_running)
+        if self._released:
+            released, self._released = self._released, []
+            try:
+                await self._store.release_leases(self.lease, released)
+            except Exception:
+                log.exception("could not release queued responses; they are claimed when the lease expires")
 
     # ------------------------------------------------------------------ one response
 
@@ -247,7 +380,11 @@ class BackgroundRunner:
             async with self._slots:
                 started = True
                 start = builder.started()
-                await self._store.save_response(live.workspace_id, builder.response, events=start)
+                if not await self._store.save_response(
+                    live.workspace_id, builder.response, events=start, lease=self.lease
+                ):
+                    self._lose(live)
+                    return
                 live.publish(start)
                 route = self._router.resolve(generation.model)
                 generation = dataclasses.replace(generation, model=route.model)
@@ -258,8 +395,12 @@ class BackgroundRunner:
                 except base.BackendError as error:
                     self._stage(live, builder.failed(error.code, error.message))
         except asyncio.CancelledError:
+            if live.lost:
+                self._lose(live)
+                return
             if live.shutting_down and not started:
-                # Never started: stays queued in the store and runs after the next start.
+                # Never started: stays queued in the store, for another replica or the next start.
+                self._released.append(live.response_id)
                 self._forget(live)
                 return
             if not builder.finished:
@@ -283,17 +424,28 @@ class BackgroundRunner:
         """Stores the final state with the terminal event in one transaction, then publishes it."""
         try:
             await self._drain(live)
-            await self._store.save_response(
+            if live.lost:
+                return
+            if await self._store.save_response(
                 live.workspace_id,
                 live.builder.response,
                 events=live.terminal,
                 finished=True,
-            )
-            live.publish(live.terminal)
+                lease=self.lease,
+            ):
+                live.publish(live.terminal)
+            else:
+                log.warning("background response %s was lost before its end was stored", live.response_id)
+                live.lost = True
         except Exception:
             log.exception("could not store the end of background response %s", live.response_id)
         finally:
             self._forget(live)
+
+    def _lose(self, live: LiveResponse) -> None:
+        """Another process holds the response (or it is gone): nothing more is written here."""
+        live.lost = True
+        self._forget(live)
 
     def _forget(self, live: LiveResponse) -> None:
         live.close()
@@ -317,9 +469,15 @@ class BackgroundRunner:
             live.flush_task = asyncio.create_task(self._flush(live))
 
     async def _flush(self, live: LiveResponse) -> None:
-        while live.unpublished:
+        while live.unpublished and not live.lost:
             batch, live.unpublished = live.unpublished, []
-            await self._store.append_events(live.response_id, batch)
+            if not await self._store.append_events(live.response_id, batch, lease=self.lease):
+                # Claimed by another process (or deleted): stop generating here.
+                live.lost = True
+                live.unpublished = []
+                if live.task is not None and not live.builder.finished:
+                    live.task.cancel()
+                return
             live.publish(batch)
 
     async def _drain(self, live: LiveResponse) -> None:

@@ -16,14 +16,15 @@ from venna.responses.v1 import response_pb2, service_pb2, service_pb2_grpc
 from venna.server import auth, errors
 from venna.server.builder import (
     ENCRYPTED_REASONING,
+    UNFINISHED,
     Event,
     ends_stream,
     terminal_event,
     without_encrypted_reasoning,
 )
-from venna.server.creation import UNFINISHED, Creation
+from venna.server.creation import Creation
 from venna.server.execution import Execution
-from venna.server.runner import BackgroundRunner
+from venna.server.runner import BackgroundRunner, LiveResponse
 from venna.server.validation import Violation, check_include, raise_if_any
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if run.builder.response.background:
             # The response runs on whether or not this caller stays; it may resume later.
             live = await self.creation.start_background(run)
-            async with aclosing(live.follow(-1)) as events:
+            async with aclosing(self._follow_live(live, -1)) as events:
                 async for event in events:
                     yield event
             return
@@ -104,7 +105,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         after = request.starting_after if request.HasField("starting_after") else -1
         live = self._runner.live(workspace_id, response.id)
         if live is not None:
-            async with aclosing(live.follow(after)) as events:
+            async with aclosing(self._follow_live(live, after)) as events:
                 async for event in events:
                     yield event
             return
@@ -128,6 +129,18 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             return
         for event in stored:
             yield event
+
+    async def _follow_live(self, live: LiveResponse, after: int) -> AsyncGenerator[Event, None]:
+        """The events of a response running here; should another process take it over, the
+        rest as that process stores it."""
+        async with aclosing(live.follow(after)) as events:
+            async for event in events:
+                yield event
+                after = event.sequence_number
+        if live.lost:
+            async with aclosing(self._follow_stored(live.workspace_id, live.response_id, after)) as events:
+                async for event in events:
+                    yield event
 
     async def _follow_stored(
         self, workspace_id: str, response_id: str, after: int
@@ -162,7 +175,9 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         self, request: service_pb2.DeleteResponseRequest, context: auth.Context
     ) -> service_pb2.DeleteResponseResponse:
         workspace_id = auth.workspace_id()
-        await self._runner.cancel(workspace_id, request.response_id)
+        if await self._runner.cancel(workspace_id, request.response_id) is None and self._store.shared:
+            # Run by another process, perhaps: its owner stops generating it (and storing it).
+            await self._store.request_cancel(workspace_id, request.response_id)
         if not await self._store.delete_response(workspace_id, request.response_id):
             raise errors.response_not_found(request.response_id)
         return service_pb2.DeleteResponseResponse(id=request.response_id, object="response", deleted=True)
@@ -177,9 +192,12 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         if cancelled is not None:
             return without_encrypted_reasoning(cancelled)
         if response.status in UNFINISHED:
-            # Unfinished but run by no one here (another process owned it): settle it in place.
-            response.status = response_pb2.RESPONSE_STATUS_CANCELLED
-            await self._store.save_response(workspace_id, response, finished=True)
+            # Run by another process: its owner stores it cancelled, or, if it does not answer,
+            # it is taken over and cancelled here.
+            settled = await self._runner.cancel_elsewhere(workspace_id, response.id)
+            if settled is None:
+                raise errors.response_not_found(response.id)
+            response = settled
         return without_encrypted_reasoning(response)
 
     async def ListInputItems(

@@ -14,6 +14,7 @@ import pytest
 from tests.postgres_harness import PostgresServer
 from venna.backends.store import (
     ChainTooDeep,
+    Lease,
     ResponseStore,
     StoreUnavailable,
     UnreadableRecord,
@@ -52,6 +53,11 @@ async def workspaces(store: ResponseStore) -> tuple[str, str]:
 
 
 _counter = iter(range(10**9))
+
+# Two processes' leases: one that holds for a minute, one that lapses at once.
+LEASE = Lease("srv_first", 60_000)
+OTHER = Lease("srv_second", 60_000)
+BRIEF = Lease("srv_brief", 1)
 
 
 def message(role: int, text: str) -> response_pb2.Item:
@@ -225,8 +231,8 @@ async def test_save_replaces_status_and_output_and_appends_events(store: Respons
     await store.create_response(
         alpha, made, [message(response_pb2.ROLE_USER, "go")], request=request, events=[event(0)]
     )
-    assert [pending.response.id for pending in await store.pending_responses()] == [made.id]
-    assert (await store.pending_responses())[0].request == request
+    [claimed] = await store.claim_responses(LEASE, queued=10)
+    assert (claimed.response.id, claimed.request, claimed.cancelling) == (made.id, request, False)
 
     made.status = response_pb2.RESPONSE_STATUS_COMPLETED
     made.output.append(message(response_pb2.ROLE_ASSISTANT, "done"))
@@ -237,7 +243,9 @@ async def test_save_replaces_status_and_output_and_appends_events(store: Respons
     assert await store.last_sequence_number(made.id) == 2
     terminal = await store.last_terminal_event(made.id)
     assert terminal is not None and terminal.HasField("completed")
-    assert await store.pending_responses() == []  # finished: nothing to recover
+    assert (
+        await store.claim_responses(LEASE, queued=10, expired_only=False) == []
+    )  # finished: nothing to claim
 
 
 async def test_events_stored_twice_are_kept_once(store: ResponseStore) -> None:
@@ -350,7 +358,7 @@ async def test_an_undecodable_record_fails_only_its_own_calls(store: ResponseSto
         await store.get_response(alpha, bad.id)
     assert caught.value.response_id == bad.id
     assert await store.get_response(alpha, good.id) == good
-    assert await store.pending_responses() == []
+    assert await store.claim_responses(LEASE, queued=10, expired_only=False) == []
 
 
 async def test_an_unreachable_server_is_refused_clearly(postgres_server: PostgresServer) -> None:
@@ -366,3 +374,123 @@ def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> Non
     path.write_bytes(b"this is not a database" * 200)
     with pytest.raises(StoreUnavailable, match=r"not\.db"):
         SqliteStore(path)
+
+
+# --------------------------------------------------------------------------- leases
+
+
+async def unfinished(
+    store: ResponseStore,
+    workspace: str,
+    lease: Lease | None,
+    *,
+    status: int = response_pb2.RESPONSE_STATUS_QUEUED,
+    created_at: int = 1_700_000_000,
+) -> response_pb2.Response:
+    made = response("", status=status, background=True)
+    made.ClearField("output")
+    made.created_at = created_at
+    request = service_pb2.CreateResponseRequest(model="echo", background=True)
+    await store.create_response(workspace, made, [], request=request, events=[event(0)], lease=lease)
+    return made
+
+
+async def test_only_the_lease_holder_writes_a_response(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await unfinished(store, alpha, LEASE)
+    assert await store.claim_responses(OTHER, queued=10) == []  # held
+    made.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
+    assert not await store.save_response(alpha, made, lease=OTHER)
+    assert not await store.append_events(made.id, [event(1)], lease=OTHER)
+    assert await store.last_sequence_number(made.id) == 0  # nothing written by the other
+    assert await store.save_response(alpha, made, events=[event(1)], lease=LEASE)
+    assert await store.append_events(made.id, [event(2)], lease=LEASE)
+    renewal = await store.renew_leases(LEASE, [made.id])
+    assert (renewal.lost, renewal.cancelling) == (frozenset(), frozenset())
+
+    # Another process takes it over (a cancel its owner did not answer): the owner is fenced.
+    assert await store.take_over(OTHER, alpha, made.id)
+    assert not await store.append_events(made.id, [event(3)], lease=LEASE)
+    made.status = response_pb2.RESPONSE_STATUS_COMPLETED
+    assert not await store.save_response(
+        alpha, made, events=[event(3, "completed")], finished=True, lease=LEASE
+    )
+    assert await store.last_sequence_number(made.id) == 2
+    assert await store.usage_totals(alpha) == []  # no usage written over the holder's
+    assert (await store.renew_leases(LEASE, [made.id])).lost == {made.id}
+
+    made.status = response_pb2.RESPONSE_STATUS_CANCELLED
+    assert await store.save_response(alpha, made, finished=True, lease=OTHER)
+    assert (await store.get_response(alpha, made.id) or made).status == response_pb2.RESPONSE_STATUS_CANCELLED
+    # Finished: nobody holds it any more, and nobody can take it over or claim it.
+    assert (await store.renew_leases(OTHER, [made.id])).lost == {made.id}
+    assert not await store.take_over(LEASE, alpha, made.id)
+    assert await store.claim_responses(LEASE, queued=10, expired_only=False) == []
+
+
+async def test_expired_leases_are_claimed_oldest_first_queued_ones_as_room_allows(
+    store: ResponseStore,
+) -> None:
+    alpha, beta = await workspaces(store)
+    running = await unfinished(store, alpha, BRIEF, status=response_pb2.RESPONSE_STATUS_IN_PROGRESS)
+    newer = await unfinished(store, beta, BRIEF, created_at=1_700_000_002)
+    older = await unfinished(store, alpha, None, created_at=1_700_000_001)  # held by nobody
+    held = await unfinished(store, alpha, LEASE, created_at=1_600_000_000)
+    await asyncio.sleep(0.01)
+    first = await store.claim_responses(OTHER, queued=1)
+    assert [(pending.workspace_id, pending.response.id) for pending in first] == [
+        (alpha, running.id),
+        (alpha, older.id),
+    ]
+    assert first[1].request == service_pb2.CreateResponseRequest(model="echo", background=True)
+    assert await store.claim_responses(BRIEF, queued=0) == []  # claimed, and only queued ones are left
+    assert [pending.response.id for pending in await store.claim_responses(OTHER, queued=5)] == [newer.id]
+    assert (await store.renew_leases(OTHER, [running.id, older.id, newer.id])).lost == frozenset()
+    # A store used by one process alone is claimed whole at its start, leases or not.
+    everything = await store.claim_responses(BRIEF, queued=5, expired_only=False)
+    assert [pending.response.id for pending in everything] == [held.id, running.id, older.id, newer.id]
+
+
+async def test_released_responses_are_claimable_at_once(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await unfinished(store, alpha, LEASE)
+    await store.release_leases(OTHER, [made.id])  # not the holder's: nothing happens
+    assert await store.claim_responses(OTHER, queued=5) == []
+    await store.release_leases(LEASE, [made.id])
+    assert [pending.response.id for pending in await store.claim_responses(OTHER, queued=5)] == [made.id]
+
+
+async def test_a_cancel_request_reaches_the_holder(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    made = await unfinished(store, alpha, LEASE)
+    finished = await stored(store, alpha, "done")
+    heard: list[str] = []
+    arrived = asyncio.Event()
+
+    def requested(response_id: str) -> None:
+        heard.append(response_id)
+        arrived.set()
+
+    store.on_cancel_requested(requested)
+    assert not await store.request_cancel(beta, made.id)  # another workspace's: unknown
+    assert not await store.request_cancel(alpha, finished.id)  # over already
+    assert await store.request_cancel(alpha, made.id)
+    async with asyncio.timeout(2):
+        await arrived.wait()
+    assert heard == [made.id]
+    renewal = await store.renew_leases(LEASE, [made.id])
+    assert (renewal.lost, renewal.cancelling) == (frozenset(), frozenset({made.id}))
+    await store.release_leases(LEASE, [made.id])
+    [claimed] = await store.claim_responses(OTHER, queued=5)
+    assert claimed.cancelling
+
+
+async def test_a_deleted_response_still_gets_its_usage_from_its_holder(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = await unfinished(store, alpha, LEASE)
+    assert await store.delete_response(alpha, made.id)
+    made.status = response_pb2.RESPONSE_STATUS_CANCELLED
+    made.usage.input_tokens = 3
+    assert not await store.save_response(alpha, made, finished=True, lease=LEASE)
+    (total,) = await store.usage_totals(alpha)
+    assert (total.responses, total.input_tokens) == (1, 3)

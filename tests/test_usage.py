@@ -19,6 +19,7 @@ from sqlite_utils import Database
 
 from tests.conftest import Client, Venna, error_info, make_request, serving
 from tests.test_background import wait_for_status
+from venna.backends.store import Lease
 from venna.backends.store.records import new_response_rows
 from venna.backends.store.sqlite.queries import Store
 from venna.backends.store.sqlite.schema import migrations
@@ -476,7 +477,8 @@ def test_the_migration_upgrades_an_existing_database(tmp_path: Path) -> None:
         row = usage_rows(db_path)["resp_done"]
         assert (row["status"], row["created_at"], row["finished_at"]) == ("completed", 500, 510)
         # Recovery still finds the unfinished response, through the index that keeps only those.
-        assert [pending.response.id for pending in store.pending_responses()] == ["resp_running"]
+        claimed = store.claim_responses(Lease("srv_test", 1000), queued=10, expired_only=False)
+        assert [pending.response.id for pending in claimed] == ["resp_running"]
         queued, in_progress = response_pb2.RESPONSE_STATUS_QUEUED, response_pb2.RESPONSE_STATUS_IN_PROGRESS
         plan = store.db.execute(
             f"EXPLAIN QUERY PLAN SELECT id FROM responses WHERE status IN ({queued}, {in_progress})"

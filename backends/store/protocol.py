@@ -11,6 +11,13 @@ tests (tests/test_store_contract.py). Rules every implementation keeps:
   others, and never the server's start.
 * Methods return awaitables and may be called concurrently from one event loop; writes queued
   together may share a commit, each succeeding or failing on its own.
+
+Leases. Several processes may share one store (PostgreSQL). An unfinished response is held by
+the process that runs it, through a lease that process renews; its writes carry the lease and
+are refused (nothing written) once another process holds the response. A process whose lease
+expired (a crash, a partition) loses its responses to the first process that claims them: a
+queued one is run again there, an in-progress one is settled as failed. Owner identity is the
+fence; the clock only decides when a lease may be claimed.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ class InputItemsPage:
 
 @dataclass(frozen=True, slots=True)
 class PendingResponse:
-    """A background response that had not finished when the server last stopped."""
+    """An unfinished response claimed from a process that no longer holds it."""
 
     workspace_id: str
     response: response_pb2.Response
@@ -84,6 +91,29 @@ class PendingResponse:
     # The stored body or request could not be decoded: ``response`` is then a placeholder
     # (``unreadable_response``) with the row's status, and ``request`` is None.
     unreadable: bool = False
+    # Somebody asked to cancel it before its owner was lost.
+    cancelling: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A process's hold on the unfinished responses it runs (see "Leases" above).
+
+    ``owner`` names the process (one per ``venna serve``, new at each start); each grant or
+    renewal lasts ``milliseconds``, counted by the store's clock.
+    """
+
+    owner: str
+    milliseconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What renewing a lease found: responses no longer held (finished, deleted, or claimed by
+    another process) and responses somebody asked to cancel."""
+
+    lost: frozenset[str]
+    cancelling: frozenset[str]
 
 
 class UnreadableRecord(Exception):
@@ -191,11 +221,13 @@ class ResponseStore(Protocol):
         request: service_pb2.CreateResponseRequest | None = None,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> Awaitable[None]:
         """Stores a new response with its input and output items, as they are at the call.
 
         ``request`` is kept for background work (to run it again after a restart), ``events``
-        are its first stream events, and ``finished`` records its usage too.
+        are its first stream events, ``finished`` records its usage too, and ``lease`` makes
+        the caller hold the (unfinished) response.
         """
         ...
 
@@ -206,16 +238,26 @@ class ResponseStore(Protocol):
         *,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> Awaitable[bool]:
         """Updates a stored response (status, body, output) and appends ``events``, together;
         False if it no longer exists. ``finished`` drops the kept request and records usage,
-        even for a response deleted meanwhile: its tokens were spent all the same."""
+        even for a response deleted meanwhile: its tokens were spent all the same.
+
+        With ``lease``, only while the lease holds the response (it is renewed; a finished
+        save releases it): otherwise nothing is written and the answer is False (a usage
+        record is still written for a deleted response, never over another process's)."""
         ...
 
     def append_events(
-        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
-    ) -> Awaitable[None]:
-        """Stores more stream events of a response (an event stored twice is kept once)."""
+        self,
+        response_id: str,
+        events: Sequence[events_pb2.ResponseStreamEvent],
+        *,
+        lease: Lease | None = None,
+    ) -> Awaitable[bool]:
+        """Stores more stream events of a response (an event stored twice is kept once). With
+        ``lease``, only while it holds the response (renewing it); False if nothing was stored."""
         ...
 
     def record_usage(self, workspace_id: str, response: response_pb2.Response) -> Awaitable[None]:
@@ -272,8 +314,46 @@ class ResponseStore(Protocol):
         """The last stored event if it ends the stream (completed, incomplete, failed)."""
         ...
 
-    def pending_responses(self) -> Awaitable[list[PendingResponse]]:
-        """Responses left queued or in progress, oldest first; never raises for one bad row."""
+    # ------------------------------------------------------------------ leases
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may use this store at the same time. If not, a process
+        starting takes over every unfinished response at once instead of waiting for leases to
+        expire."""
+        ...
+
+    def claim_responses(
+        self, lease: Lease, *, queued: int, expired_only: bool = True
+    ) -> Awaitable[list[PendingResponse]]:
+        """Holds, with ``lease``, the unfinished responses nobody holds (their lease expired or
+        was released): every one in progress, and up to ``queued`` queued ones, oldest first.
+        ``expired_only`` False takes them whatever their lease. A row that cannot be decoded
+        comes as ``unreadable``, never as an error."""
+        ...
+
+    def renew_leases(self, lease: Lease, response_ids: Sequence[str]) -> Awaitable[Renewal]:
+        """Extends the lease on those of ``response_ids`` it still holds."""
+        ...
+
+    def release_leases(self, lease: Lease, response_ids: Sequence[str]) -> Awaitable[None]:
+        """Lets any process claim these responses at once (a process stopping with work queued)."""
+        ...
+
+    def take_over(self, lease: Lease, workspace_id: str, response_id: str) -> Awaitable[bool]:
+        """Holds the response with ``lease`` whoever held it (an owner that did not answer a
+        cancel); False if it is unknown or finished."""
+        ...
+
+    def request_cancel(self, workspace_id: str, response_id: str) -> Awaitable[bool]:
+        """Marks an unfinished response for cancelling and tells its owner (see
+        ``on_cancel_requested``); False if it is unknown or finished."""
+        ...
+
+    def on_cancel_requested(self, callback: Callable[[str], None]) -> None:
+        """Calls ``callback(response_id)`` (on the event loop) when a cancel is requested: by
+        this store, and, where the engine can tell, by any other process. Owners also learn it
+        when they renew their leases."""
         ...
 
     # ------------------------------------------------------------------ usage

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from venna.backends.store.protocol import (
+    Lease,
     PendingResponse,
     UnreadableRecord,
     item_id,
@@ -95,15 +96,16 @@ def pending_response(
     created_at: int,
     body: bytes,
     request: bytes | None,
+    cancelling: bool = False,
 ) -> PendingResponse:
-    """An unfinished response as recovery sees it: ``unreadable`` (with a placeholder body)
+    """An unfinished response as a claim sees it: ``unreadable`` (with a placeholder body)
     rather than an error when its body or request cannot be decoded."""
     response = decode(response_pb2.Response, body)
     kept = decode(service_pb2.CreateResponseRequest, request) if request else None
     unreadable = response is None or (request is not None and kept is None)
     if response is None:
         response = unreadable_response(response_id, created_at, background=background, status=status)
-    return PendingResponse(workspace_id, response, kept, unreadable=unreadable)
+    return PendingResponse(workspace_id, response, kept, unreadable=unreadable, cancelling=cancelling)
 
 
 def hash_key(key: str) -> str:
@@ -165,9 +167,12 @@ def new_response_rows(
     request: service_pb2.CreateResponseRequest | None = None,
     events: Sequence[events_pb2.ResponseStreamEvent] = (),
     finished: bool = False,
+    lease: Lease | None = None,
 ) -> NewRows:
     """The rows of a new response with its input and output items (and, for background runs,
-    its request and first events); ``finished`` adds its usage record."""
+    its request and first events); ``finished`` adds its usage record. A response row ends
+    with its lease's owner and length (None, None without one): the engine turns the length
+    into an expiry by its own clock."""
     return NewRows(
         usage=[usage_row(workspace_id, response, int(time.time()))] if finished else [],
         responses=[
@@ -180,6 +185,8 @@ def new_response_rows(
                 response.created_at,
                 body_without_output(response),
                 request.SerializeToString() if request is not None else None,
+                lease.owner if lease is not None else None,
+                lease.milliseconds if lease is not None else None,
             )
         ],
         items=item_rows(workspace_id, response.id, input_items, response.output),

@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from venna.backends.store import describe
-from venna.backends.store.postgres.schema import UNFINISHED_STATUSES, Connection, migrate
+from venna.backends.store.postgres.schema import NOW_MS, UNFINISHED_STATUSES, Connection, migrate
 from venna.backends.store.protocol import (
     ChainTooDeep,
     InputItemsPage,
     KeyRecord,
+    Lease,
     PendingResponse,
+    Renewal,
     StoreUnavailable,
     UnreadableRecord,
     UsageTotal,
@@ -60,6 +62,8 @@ _KEYS_CHANNEL = "venna_keys"
 # Notifications of stored events: the response ids of a commit, comma-separated, or "*" when
 # they would not fit PostgreSQL's payload limit (8,000 bytes). One per commit, not per event.
 _EVENTS_CHANNEL = "venna_events"
+# Cancel requests: the payload is the response id, for its owner.
+_CANCEL_CHANNEL = "venna_cancel"
 _MAX_PAYLOAD = 7000
 _T = TypeVar("_T")
 # A write: new rows to insert, or a function of the connection (run inside the batch's
@@ -80,8 +84,17 @@ _USAGE_UPSERT = (
 )
 _RESPONSE_INSERT = (
     "INSERT INTO responses (id, workspace_id, previous_response_id, status, background, created_at,"
-    " body, request) VALUES ($1, $2, $3, $4, $5::integer::boolean, $6, $7, $8)"
+    f" body, request, owner, lease_until) VALUES ($1, $2, $3, $4, $5::integer::boolean, $6, $7, $8,"
+    f" $9, {NOW_MS} + $10::bigint)"
 )
+_CLAIM = (
+    f"UPDATE responses SET owner = $1, lease_until = {NOW_MS} + $2"
+    " WHERE id IN (SELECT id FROM responses"
+    f" WHERE status IN ({UNFINISHED_STATUSES}) AND status = $3 AND {{free}}"
+    " ORDER BY created_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, workspace_id, status, background, created_at, body, request, cancel_requested"
+)
+_UNHELD = f"(owner IS NULL OR lease_until IS NULL OR lease_until < {NOW_MS})"
 _ITEM_INSERT = (
     "INSERT INTO items (workspace_id, response_id, item_id, kind, position, body)"
     " VALUES ($1, $2, $3, $4, $5, $6)"
@@ -105,8 +118,12 @@ class PostgresStore:
         self._watches: dict[str, set[_Watch]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._revoked: list[Callable[[], None]] = []
+        self._cancelling: list[Callable[[str], None]] = []
         # One connection of its own, listening for notifications of other processes.
         self._listener: Connection | None = None
+
+    # Replicas share the database: a process starting waits for others' leases to expire.
+    shared = True
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -124,6 +141,7 @@ class PostgresStore:
             self._listener = await asyncpg.connect(self.url)
             await self._listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
             await self._listener.add_listener(_EVENTS_CHANNEL, self._events_stored)
+            await self._listener.add_listener(_CANCEL_CHANNEL, self._cancel_requested)
             self._listener.add_termination_listener(self._listener_lost)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
             if self._listener is not None:
@@ -300,6 +318,10 @@ class PostgresStore:
         for callback in self._revoked:
             callback()
 
+    def _cancel_requested(self, _connection: object, _pid: object, _channel: object, payload: object) -> None:
+        for callback in self._cancelling:
+            callback(str(payload))
+
     async def list_workspaces(self) -> list[Workspace]:
         rows = await self.pool.fetch("SELECT id, name, created_at FROM workspaces ORDER BY name")
         return [Workspace(*row) for row in rows]
@@ -323,10 +345,17 @@ class PostgresStore:
         request: service_pb2.CreateResponseRequest | None = None,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> asyncio.Future[None]:
         return self._queue(
             new_response_rows(
-                workspace_id, response, input_items, request=request, events=events, finished=finished
+                workspace_id,
+                response,
+                input_items,
+                request=request,
+                events=events,
+                finished=finished,
+                lease=lease,
             ),
             (response.id,) if events else (),
         )
@@ -338,26 +367,36 @@ class PostgresStore:
         *,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> asyncio.Future[bool]:
         # Serialized now: what is written is the response as it is at the call.
         body = body_without_output(response)
         outputs = item_rows(workspace_id, response.id, (), response.output)
         usage = usage_row(workspace_id, response, int(time.time())) if finished else None
         appended = event_rows(response.id, events).events
+        parameters: list[object] = [response.status, body, response.id, workspace_id]
+        if finished:
+            holding = ", request = NULL, owner = NULL, lease_until = NULL"
+        elif lease is not None:
+            holding = f", lease_until = {NOW_MS} + $6"
+        else:
+            holding = ""
+        if lease is not None:
+            parameters.append(lease.owner)
+            if not finished:
+                parameters.append(lease.milliseconds)
+        statement = (
+            f"UPDATE responses SET status = $1, body = $2{holding} WHERE id = $3 AND workspace_id = $4"
+            + (" AND owner = $5" if lease is not None else "")
+        )
 
         async def save(connection: Connection) -> bool:
-            status = await connection.execute(
-                "UPDATE responses SET status = $1, body = $2"
-                + (", request = NULL" if finished else "")
-                + " WHERE id = $3 AND workspace_id = $4",
-                response.status,
-                body,
-                response.id,
-                workspace_id,
-            )
-            if usage is not None:
+            saved = await connection.execute(statement, *parameters) == "UPDATE 1"
+            if usage is not None and (
+                saved or not await connection.fetchval("SELECT 1 FROM responses WHERE id = $1", response.id)
+            ):
                 await connection.execute(_USAGE_UPSERT, *usage)
-            if status != "UPDATE 1":
+            if not saved:
                 return False
             await connection.execute(
                 "DELETE FROM items WHERE response_id = $1 AND kind = $2", response.id, OUTPUT
@@ -371,9 +410,30 @@ class PostgresStore:
         return self._queue(save, (response.id,))
 
     def append_events(
-        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
-    ) -> asyncio.Future[None]:
-        return self._queue(event_rows(response_id, events), (response_id,))
+        self,
+        response_id: str,
+        events: Sequence[events_pb2.ResponseStreamEvent],
+        *,
+        lease: Lease | None = None,
+    ) -> asyncio.Future[bool]:
+        rows = event_rows(response_id, events)
+        if lease is None:
+            return self._queue(rows, (response_id,))
+
+        async def append(connection: Connection) -> bool:
+            # The row lock taken here orders this write after a claim or a cancel, or before.
+            held = await connection.execute(
+                f"UPDATE responses SET lease_until = {NOW_MS} + $3 WHERE id = $1 AND owner = $2",
+                response_id,
+                lease.owner,
+                lease.milliseconds,
+            )
+            if held != "UPDATE 1":
+                return False
+            await connection.executemany(_EVENT_INSERT, rows.events)
+            return True
+
+        return self._queue(append, (response_id,))
 
     def record_usage(self, workspace_id: str, response: response_pb2.Response) -> asyncio.Future[None]:
         return self._queue(usage_rows(workspace_id, response))
@@ -509,15 +569,75 @@ class PostgresStore:
         )
         return terminal_event_of(response_id, body)
 
-    async def pending_responses(self) -> list[PendingResponse]:
+    # ------------------------------------------------------------------ leases
+
+    async def claim_responses(
+        self, lease: Lease, *, queued: int, expired_only: bool = True
+    ) -> list[PendingResponse]:
+        free = _UNHELD if expired_only else "true"
+        claimed: list[PendingResponse] = []
+        async with self.pool.acquire() as connection, connection.transaction():
+            for status, limit in (
+                (response_pb2.RESPONSE_STATUS_IN_PROGRESS, None),
+                (response_pb2.RESPONSE_STATUS_QUEUED, queued),
+            ):
+                if limit == 0:
+                    continue
+                rows = await connection.fetch(
+                    _CLAIM.format(free=free), lease.owner, lease.milliseconds, status, limit
+                )
+                claimed += [pending_response(*_pending_columns(row)) for row in rows]
+        claimed.sort(key=lambda pending: (pending.response.created_at, pending.response.id))
+        return claimed
+
+    async def renew_leases(self, lease: Lease, response_ids: Sequence[str]) -> Renewal:
         rows = await self.pool.fetch(
-            "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
-            f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, id"
+            f"UPDATE responses SET lease_until = {NOW_MS} + $2 WHERE owner = $1 AND id = ANY($3::text[])"
+            " RETURNING id, cancel_requested",
+            lease.owner,
+            lease.milliseconds,
+            list(response_ids),
         )
-        return [
-            pending_response(workspace_id, response_id, status, background, created_at, body, request)
-            for response_id, workspace_id, status, background, created_at, body, request in rows
-        ]
+        held = {row["id"] for row in rows}
+        return Renewal(
+            lost=frozenset(set(response_ids) - held),
+            cancelling=frozenset(row["id"] for row in rows if row["cancel_requested"]),
+        )
+
+    async def release_leases(self, lease: Lease, response_ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "UPDATE responses SET owner = NULL, lease_until = NULL WHERE owner = $1 AND id = ANY($2::text[])",
+            lease.owner,
+            list(response_ids),
+        )
+
+    async def take_over(self, lease: Lease, workspace_id: str, response_id: str) -> bool:
+        status = await self.pool.execute(
+            f"UPDATE responses SET owner = $1, lease_until = {NOW_MS} + $2"
+            f" WHERE id = $3 AND workspace_id = $4 AND status IN ({UNFINISHED_STATUSES})",
+            lease.owner,
+            lease.milliseconds,
+            response_id,
+            workspace_id,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def request_cancel(self, workspace_id: str, response_id: str) -> bool:
+        async with self.pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                "UPDATE responses SET cancel_requested = true"
+                f" WHERE id = $1 AND workspace_id = $2 AND status IN ({UNFINISHED_STATUSES})",
+                response_id,
+                workspace_id,
+            )
+            if status != "UPDATE 1":
+                return False
+            # Delivered at commit to every process listening (the owner among them).
+            await connection.execute("SELECT pg_notify($1, $2)", _CANCEL_CHANNEL, response_id)
+        return True
+
+    def on_cancel_requested(self, callback: Callable[[str], None]) -> None:
+        self._cancelling.append(callback)
 
     # ------------------------------------------------------------------ usage
 
@@ -546,6 +666,20 @@ class PostgresStore:
             *parameters,
         )
         return [UsageTotal(row[0], *(int(value or 0) for value in tuple(row)[1:])) for row in rows if row[1]]
+
+
+def _pending_columns(row: asyncpg.Record) -> tuple[str, str, int, bool, int, bytes, bytes | None, bool]:
+    """A claimed row as ``pending_response`` takes it."""
+    return (
+        row["workspace_id"],
+        row["id"],
+        row["status"],
+        row["background"],
+        row["created_at"],
+        row["body"],
+        row["request"],
+        row["cancel_requested"],
+    )
 
 
 async def _insert(connection: Connection, rows: NewRows) -> None:

@@ -16,6 +16,10 @@ Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionPr
 # Unfinished responses, by status: the only ones recovery looks for (a partial index).
 UNFINISHED_STATUSES = f"{response_pb2.RESPONSE_STATUS_QUEUED}, {response_pb2.RESPONSE_STATUS_IN_PROGRESS}"
 
+# The store's clock, in unix milliseconds: leases expire by the database's clock, the same for
+# every replica.
+NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
 # Any fixed number: the key of the advisory lock migrations are applied under.
 _MIGRATION_LOCK = 0x76656E6E61  # "venna"
 
@@ -80,6 +84,16 @@ MIGRATIONS: list[tuple[str, str]] = [
             finished_at bigint NOT NULL
         );
         CREATE INDEX usage_by_time ON usage (workspace_id, created_at);
+        """,
+    ),
+    (
+        # Who runs each unfinished response (the owner's lease, in unix milliseconds), and
+        # whether somebody asked to cancel it. Responses already stored are nobody's.
+        "m002_leases",
+        """
+        ALTER TABLE responses ADD COLUMN owner text;
+        ALTER TABLE responses ADD COLUMN lease_until bigint;
+        ALTER TABLE responses ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
         """,
     ),
 ]

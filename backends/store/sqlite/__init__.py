@@ -16,7 +16,9 @@ from pathlib import Path
 from venna.backends.store.protocol import (
     InputItemsPage,
     KeyRecord,
+    Lease,
     PendingResponse,
+    Renewal,
     StoreUnavailable,
     UsageTotal,
     Workspace,
@@ -43,6 +45,10 @@ class SqliteStore:
         self.queries = queries
         self._thread = AsyncStore(queries)
         self._revoked: list[Callable[[], None]] = []
+        self._cancelling: list[Callable[[str], None]] = []
+
+    # One process per file: a process starting takes over what the previous one left.
+    shared = False
 
     async def open(self) -> None:
         """Nothing more to do: the file was opened and migrated when this store was made."""
@@ -88,9 +94,16 @@ class SqliteStore:
         request: service_pb2.CreateResponseRequest | None = None,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> asyncio.Future[None]:
         rows = new_response_rows(
-            workspace_id, response, input_items, request=request, events=events, finished=finished
+            workspace_id,
+            response,
+            input_items,
+            request=request,
+            events=events,
+            finished=finished,
+            lease=lease,
         )
         return self._thread.insert(rows)
 
@@ -101,15 +114,22 @@ class SqliteStore:
         *,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> asyncio.Future[bool]:
         return self._thread.call(
-            self.queries.save_response, workspace_id, response, events=events, finished=finished
+            self.queries.save_response, workspace_id, response, events=events, finished=finished, lease=lease
         )
 
     def append_events(
-        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent]
-    ) -> asyncio.Future[None]:
-        return self._thread.insert(event_rows(response_id, events))
+        self,
+        response_id: str,
+        events: Sequence[events_pb2.ResponseStreamEvent],
+        *,
+        lease: Lease | None = None,
+    ) -> asyncio.Future[bool]:
+        if lease is not None:
+            return self._thread.call(self.queries.append_held_events, response_id, events, lease)
+        return _stored(self._thread.insert(event_rows(response_id, events)))
 
     def record_usage(self, workspace_id: str, response: response_pb2.Response) -> asyncio.Future[None]:
         return self._thread.insert(usage_rows(workspace_id, response))
@@ -160,8 +180,34 @@ class SqliteStore:
     def last_terminal_event(self, response_id: str) -> asyncio.Future[events_pb2.ResponseStreamEvent | None]:
         return self._thread.call(self.queries.last_terminal_event, response_id)
 
-    def pending_responses(self) -> asyncio.Future[list[PendingResponse]]:
-        return self._thread.call(self.queries.pending_responses)
+    # ------------------------------------------------------------------ leases
+
+    def claim_responses(
+        self, lease: Lease, *, queued: int, expired_only: bool = True
+    ) -> asyncio.Future[list[PendingResponse]]:
+        return self._thread.call(
+            self.queries.claim_responses, lease, queued=queued, expired_only=expired_only
+        )
+
+    def renew_leases(self, lease: Lease, response_ids: Sequence[str]) -> asyncio.Future[Renewal]:
+        return self._thread.call(self.queries.renew_leases, lease, list(response_ids))
+
+    def release_leases(self, lease: Lease, response_ids: Sequence[str]) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.release_leases, lease, list(response_ids))
+
+    def take_over(self, lease: Lease, workspace_id: str, response_id: str) -> asyncio.Future[bool]:
+        return self._thread.call(self.queries.take_over, lease, workspace_id, response_id)
+
+    async def request_cancel(self, workspace_id: str, response_id: str) -> bool:
+        requested = await self._thread.call(self.queries.request_cancel, workspace_id, response_id)
+        if requested:
+            for callback in self._cancelling:
+                callback(response_id)
+        return requested
+
+    def on_cancel_requested(self, callback: Callable[[str], None]) -> None:
+        # Only this process uses the file: its own requests are the only ones.
+        self._cancelling.append(callback)
 
     def usage_totals(
         self,
@@ -184,3 +230,22 @@ class _Poll:
 
     def close(self) -> None:
         pass
+
+
+def _stored(insert: asyncio.Future[None]) -> asyncio.Future[bool]:
+    """True once ``insert`` committed (its error, if it failed)."""
+    result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settle(done: asyncio.Future[None]) -> None:
+        if result.cancelled():
+            return
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled():
+            result.cancel()
+        elif error is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(True)
+
+    insert.add_done_callback(settle)
+    return result

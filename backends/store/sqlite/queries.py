@@ -16,7 +16,9 @@ from venna.backends.store.protocol import (
     ChainTooDeep,
     InputItemsPage,
     KeyRecord,
+    Lease,
     PendingResponse,
+    Renewal,
     UnreadableRecord,
     UsageTotal,
     Workspace,
@@ -40,6 +42,7 @@ from venna.backends.store.records import (
 from venna.backends.store.sqlite.rows import (
     EVENT_INSERT,
     ITEM_INSERT,
+    NOW_MS,
     RESPONSE_INSERT,
     USAGE_INSERT,
     insert_rows,
@@ -162,28 +165,143 @@ class Store:
         *,
         events: Sequence[events_pb2.ResponseStreamEvent] = (),
         finished: bool = False,
+        lease: Lease | None = None,
     ) -> bool:
-        """Updates a stored response and replaces its output; False if it no longer exists.
+        """Updates a stored response and replaces its output; False if it no longer exists, or
+        if ``lease`` no longer holds it (then nothing is written).
 
-        ``finished`` drops the kept request (a finished background run is never re-run) and
-        writes the response's usage record, even when the response was deleted meanwhile: its
-        tokens were spent all the same.
+        ``finished`` drops the kept request and the lease (a finished background run is never
+        re-run) and writes the response's usage record, even when the response was deleted
+        meanwhile: its tokens were spent all the same.
         """
+        if finished:
+            holding = ", request = NULL, owner = NULL, lease_until = NULL"
+        elif lease is not None:
+            holding = f", lease_until = {NOW_MS} + {int(lease.milliseconds)}"
+        else:
+            holding = ""
+        condition = " AND owner = ?" if lease is not None else ""
         with self._transaction():
             cursor = self._conn.execute(
-                "UPDATE responses SET status = ?, body = ?"
-                + (", request = NULL" if finished else "")
-                + " WHERE id = ? AND workspace_id = ?",
-                [response.status, body_without_output(response), response.id, workspace_id],
+                f"UPDATE responses SET status = ?, body = ?{holding} WHERE id = ? AND workspace_id = ?"
+                + condition,
+                [
+                    response.status,
+                    body_without_output(response),
+                    response.id,
+                    workspace_id,
+                    *([lease.owner] if lease is not None else []),
+                ],
             )
-            if finished:
+            saved = cursor.rowcount == 1
+            if finished and (saved or not self._exists(response.id)):
                 insert_rows(self._conn, USAGE_INSERT, [usage_row(workspace_id, response, int(time.time()))])
-            if cursor.rowcount != 1:
+            if not saved:
                 return False
             self._conn.execute("DELETE FROM items WHERE response_id = ? AND kind = ?", [response.id, OUTPUT])
             insert_rows(self._conn, ITEM_INSERT, item_rows(workspace_id, response.id, (), response.output))
             insert_rows(self._conn, EVENT_INSERT, event_tuples(response.id, events))
         return True
+
+    def _exists(self, response_id: str) -> bool:
+        return (
+            self._conn.execute("SELECT 1 FROM responses WHERE id = ?", [response_id]).fetchone() is not None
+        )
+
+    def append_held_events(
+        self, response_id: str, events: Sequence[events_pb2.ResponseStreamEvent], lease: Lease
+    ) -> bool:
+        """Stores events of a response while ``lease`` holds it, renewing the lease."""
+        with self._transaction():
+            if not self._renew(lease, response_id):
+                return False
+            insert_rows(self._conn, EVENT_INSERT, event_tuples(response_id, events))
+        return True
+
+    def _renew(self, lease: Lease, response_id: str) -> bool:
+        cursor = self._conn.execute(
+            f"UPDATE responses SET lease_until = {NOW_MS} + ? WHERE id = ? AND owner = ?",
+            [lease.milliseconds, response_id, lease.owner],
+        )
+        return cursor.rowcount == 1
+
+    # ---------------------------------------------------------------------------- leases
+
+    def claim_responses(
+        self, lease: Lease, *, queued: int, expired_only: bool = True
+    ) -> list[PendingResponse]:
+        """Holds the unfinished responses nobody holds: every one in progress, up to ``queued``
+        queued ones, oldest first (a bad row comes as ``unreadable``)."""
+        free = (
+            f" AND (owner IS NULL OR lease_until IS NULL OR lease_until < {NOW_MS})" if expired_only else ""
+        )
+        claimed: list[PendingResponse] = []
+        with self._transaction():
+            for status, limit in (
+                (response_pb2.RESPONSE_STATUS_IN_PROGRESS, -1),
+                (response_pb2.RESPONSE_STATUS_QUEUED, queued),
+            ):
+                if limit == 0:
+                    continue
+                rows = self._conn.execute(
+                    "SELECT id, workspace_id, status, background, created_at, body, request,"
+                    f" cancel_requested FROM responses WHERE status IN ({UNFINISHED_STATUSES})"
+                    f" AND status = {int(status)}{free}"
+                    " ORDER BY created_at, rowid LIMIT ?",
+                    [limit],
+                ).fetchall()
+                for row in rows:
+                    self._conn.execute(
+                        f"UPDATE responses SET owner = ?, lease_until = {NOW_MS} + ? WHERE id = ?",
+                        [lease.owner, lease.milliseconds, row[0]],
+                    )
+                claimed += [
+                    pending_response(
+                        row[1], row[0], row[2], bool(row[3]), row[4], row[5], row[6], bool(row[7])
+                    )
+                    for row in rows
+                ]
+        claimed.sort(key=lambda pending: pending.response.created_at)
+        return claimed
+
+    def renew_leases(self, lease: Lease, response_ids: Sequence[str]) -> Renewal:
+        held: set[str] = set()
+        cancelling: set[str] = set()
+        with self._transaction():
+            for response_id in response_ids:
+                if self._renew(lease, response_id):
+                    held.add(response_id)
+                    row = self._conn.execute(
+                        "SELECT cancel_requested FROM responses WHERE id = ?", [response_id]
+                    ).fetchone()
+                    if row is not None and row[0]:
+                        cancelling.add(response_id)
+        return Renewal(lost=frozenset(set(response_ids) - held), cancelling=frozenset(cancelling))
+
+    def release_leases(self, lease: Lease, response_ids: Sequence[str]) -> None:
+        with self._transaction():
+            self._conn.executemany(
+                "UPDATE responses SET owner = NULL, lease_until = NULL WHERE id = ? AND owner = ?",
+                [(response_id, lease.owner) for response_id in response_ids],
+            )
+
+    def take_over(self, lease: Lease, workspace_id: str, response_id: str) -> bool:
+        with self._transaction():
+            cursor = self._conn.execute(
+                f"UPDATE responses SET owner = ?, lease_until = {NOW_MS} + ?"
+                f" WHERE id = ? AND workspace_id = ? AND status IN ({UNFINISHED_STATUSES})",
+                [lease.owner, lease.milliseconds, response_id, workspace_id],
+            )
+        return cursor.rowcount == 1
+
+    def request_cancel(self, workspace_id: str, response_id: str) -> bool:
+        with self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE responses SET cancel_requested = 1"
+                f" WHERE id = ? AND workspace_id = ? AND status IN ({UNFINISHED_STATUSES})",
+                [response_id, workspace_id],
+            )
+        return cursor.rowcount == 1
 
     def usage_totals(
         self,
@@ -368,19 +486,3 @@ class Store:
             [response_id],
         ).fetchone()
         return terminal_event_of(response_id, row[0] if row is not None else None)
-
-    def pending_responses(self) -> list[PendingResponse]:
-        """Responses left queued or in progress, oldest first (for recovery at start-up).
-
-        A row whose body or request cannot be decoded comes as ``unreadable``, so that one
-        such row never stops recovery of the others.
-        """
-        rows = self._conn.execute(
-            # The statuses are literals, so that SQLite can use the partial index.
-            "SELECT id, workspace_id, status, background, created_at, body, request FROM responses"
-            f" WHERE status IN ({UNFINISHED_STATUSES}) ORDER BY created_at, rowid"
-        ).fetchall()
-        return [
-            pending_response(workspace_id, response_id, status, bool(background), created_at, body, request)
-            for response_id, workspace_id, status, background, created_at, body, request in rows
-        ]

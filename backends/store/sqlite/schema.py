@@ -154,6 +154,16 @@ def m003_fewer_index_writes(db: Database) -> None:
     db.execute("ALTER TABLE usage_by_time RENAME TO usage")
 
 
+@migrations()
+def m004_leases(db: Database) -> None:
+    """Who runs each unfinished response (the owner's lease, in unix milliseconds), and
+    whether somebody asked to cancel it. Responses already stored are nobody's: the next start
+    claims the unfinished ones."""
+    db.execute("ALTER TABLE responses ADD COLUMN owner TEXT")
+    db.execute("ALTER TABLE responses ADD COLUMN lease_until INTEGER")
+    db.execute("ALTER TABLE responses ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+
+
 # Conversations and key hashes are nobody else's business: the database is readable by its
 # owner only. SQLite creates the -wal and -shm files with the database file's mode.
 _FILE_MODE = 0o600
