@@ -16,7 +16,7 @@ import httpx
 from tests.postgres_harness import PostgresServer
 from tests.process_harness import ROOT, create_key, serving
 from venna.backends.base import TextDelta
-from venna.backends.store import open_store
+from venna.backends.store import Lease, open_store
 from venna.responses.v1 import response_pb2
 from venna.server.builder import ResponseBuilder
 from venna.server.ids import new_id
@@ -208,10 +208,10 @@ async def test_a_response_run_elsewhere_is_followed_live_to_its_end(
         )
         response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
         builder = ResponseBuilder(response)
+        # Held by the test's lease, as a replica holds what it runs: the server leaves it alone.
+        lease = Lease("srv_test_replica", 60_000)
+        await replica.create_response(workspace, response, [], events=builder.created(), lease=lease)
         with serving(postgres_url, tmp_path / "serve.log") as server:
-            # Created once this server runs (its start-up recovery would settle it otherwise:
-            # background work is not leased yet).
-            await replica.create_response(workspace, response, [], events=builder.created())
             async with httpx.AsyncClient(
                 base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=20
             ) as http:
@@ -236,7 +236,7 @@ async def test_a_response_run_elsewhere_is_followed_live_to_its_end(
                     events = builder.apply(TextDelta(f" {word}"))
                     before = len(received)
                     stored_at = time.monotonic()
-                    await replica.append_events(response.id, events)
+                    assert await replica.append_events(response.id, events, lease=lease)
                     async with asyncio.timeout(5):
                         while len(received) < before + len(events):
                             arrived.clear()
@@ -244,7 +244,9 @@ async def test_a_response_run_elsewhere_is_followed_live_to_its_end(
                     delays.append(received[-1][1] - stored_at)
                     await asyncio.sleep(0.05)
                 final = builder.completed()
-                await replica.save_response(workspace, builder.response, events=final, finished=True)
+                assert await replica.save_response(
+                    workspace, builder.response, events=final, finished=True, lease=lease
+                )
                 await asyncio.wait_for(follower, 5)
     finally:
         await replica.close()
