@@ -16,7 +16,9 @@ what Venna does per call. Sections (``--only`` takes any of them, comma-separate
     memory       server RSS idle and with 1,000 open streams
     background   responses/s through the background runner vs foreground CreateResponse
     postgres     CreateResponse with the store on PostgreSQL (a throwaway local cluster) vs on
-                 SQLite: req/s and p50 at concurrency 1, 16, 64
+                 SQLite: req/s and p50 at concurrency 1, 16, 64; and, with two replicas on
+                 that database, how much later a follower on the other replica receives each
+                 event of a background response than a follower on the replica running it
 
     python scripts/bench.py [--quick] [--only SECTION[,SECTION]] [--json PATH] [--client-processes N]
 
@@ -623,7 +625,59 @@ def section_postgres(bench: Bench) -> SectionResult:
                     baseline_label="SQLite",
                 )
                 section.rows += [rate, p50]
+            # A second replica on the same database: followers of A's responses on B.
+            with bench.venna(database=url) as second:
+                delays = asyncio.run(_follow_delays(on_postgres, second, 3 if profile is QUICK else 12))
+        section.raw["follow_delays_ms"] = [round(delay * 1e3, 3) for delay in delays]
+        if not delays:
+            section.errors.append("no event was followed on both replicas")
+        else:
+            delay_p50 = median(delays) * 1e3
+            section.rows += [
+                Row(
+                    "follow on another replica: delay p50",
+                    "ms",
+                    delay_p50,
+                    None,
+                    target="< 20 ms",
+                    met=delay_p50 < 20,
+                ),
+                Row("follow on another replica: delay p99", "ms", percentile(delays, 0.99) * 1e3, None),
+            ]
     return section
+
+
+async def _follow_delays(owner: VennaHandle, other: VennaHandle, responses: int) -> list[float]:
+    """Per event of background responses run by ``owner``: when a follower on ``other``
+    received it, less when a follower on ``owner`` did. The owner publishes an event to its own
+    followers once it is stored, so the difference is the time from stored to received
+    elsewhere (a notification, then a read). Events stored before the followers joined are
+    left out."""
+    delays: list[float] = []
+    async with open_channel(owner.grpc_target) as to_owner, open_channel(other.grpc_target) as to_other:
+        for _ in range(responses):
+            request = service_pb2.CreateResponseRequest(
+                model="echo:delay_ms=10", background=True, input=[user_message(words_text(150))]
+            )
+            made = await stub_for(to_owner).CreateResponse(request, metadata=auth(owner.key))
+
+            on_owner, on_other = await asyncio.gather(
+                _arrivals(to_owner, owner.key, made.id), _arrivals(to_other, other.key, made.id)
+            )
+            joined = max(min(on_owner.values()), min(on_other.values())) + 0.05
+            delays += [
+                on_other[number] - at for number, at in on_owner.items() if at > joined and number in on_other
+            ]
+    return delays
+
+
+async def _arrivals(channel: grpc.aio.Channel, key: str, response_id: str) -> dict[int, float]:
+    """When each event of the response reached a follower on ``channel``, by sequence number."""
+    seen: dict[int, float] = {}
+    resume = service_pb2.ResumeResponseStreamRequest(response_id=response_id)
+    async for event in stub_for(channel).ResumeResponseStream(resume, metadata=auth(key)):
+        seen[event.sequence_number] = time.perf_counter()
+    return seen
 
 
 async def _create_database(admin_url: str, name: str) -> None:
