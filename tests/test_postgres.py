@@ -17,6 +17,7 @@ from tests.postgres_harness import PostgresServer
 from tests.process_harness import ROOT, create_key, serving
 from venna.backends.base import TextDelta
 from venna.backends.store import Lease, open_store
+from venna.backends.store.postgres import PostgresStore
 from venna.responses.v1 import response_pb2
 from venna.server.builder import ResponseBuilder
 from venna.server.ids import new_id
@@ -255,3 +256,28 @@ async def test_a_response_run_elsewhere_is_followed_live_to_its_end(
     assert names.count("response.completed") == 1
     assert "response.output_text.delta" in names
     assert max(delays) < 0.5, delays  # woken by the notification, not the one-second poll
+
+
+async def test_the_listening_connection_comes_back_after_it_is_lost(postgres_url: str) -> None:
+    """The connection that hears other processes' notifications is killed server-side: it is
+    reconnected, what may have been missed meanwhile is acted on (cached keys forgotten), and
+    notifications arrive again."""
+    store, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    await store.open()
+    await other.open()
+    try:
+        heard = asyncio.Event()
+        store.on_key_revoked(heard.set)
+        listener = store._listener
+        assert listener is not None
+        await other.pool.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+        async with asyncio.timeout(5):
+            await heard.wait()  # back, and every cached key forgotten
+        heard.clear()
+        _, record = await other.create_key("alpha")
+        assert await other.revoke_key(record.id)
+        async with asyncio.timeout(2):
+            await heard.wait()
+    finally:
+        await store.close()
+        await other.close()

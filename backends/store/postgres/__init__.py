@@ -108,6 +108,7 @@ class PostgresStore:
     """ResponseStore on a PostgreSQL database named by a ``postgresql://`` URL."""
 
     MAX_BATCH = 64
+    RELISTEN_MAX_SECONDS = 5.0
 
     def __init__(self, url: str, *, min_connections: int = 2, max_connections: int = 10) -> None:
         self.url = url
@@ -119,8 +120,10 @@ class PostgresStore:
         self._writer: asyncio.Task[None] | None = None
         self._revoked: list[Callable[[], None]] = []
         self._cancelling: list[Callable[[str], None]] = []
-        # One connection of its own, listening for notifications of other processes.
+        # One connection of its own, listening for notifications of other processes; and the
+        # task bringing it back after it is lost.
         self._listener: Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
 
     # Replicas share the database: a process starting waits for others' leases to expire.
     shared = True
@@ -138,11 +141,7 @@ class PostgresStore:
             )
             async with self._pool.acquire() as connection:
                 await migrate(connection)
-            self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
-            await self._listener.add_listener(_EVENTS_CHANNEL, self._events_stored)
-            await self._listener.add_listener(_CANCEL_CHANNEL, self._cancel_requested)
-            self._listener.add_termination_listener(self._listener_lost)
+            self._listener = await self._listen()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
             if self._listener is not None:
                 listener, self._listener = self._listener, None
@@ -159,12 +158,50 @@ class PostgresStore:
             await self._writes.put(None)
             await self._writer
             self._writer = None
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relisten
+            self._relisten = None
         if self._listener is not None:
             listener, self._listener = self._listener, None  # a close of ours, not a loss
             await listener.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    async def _listen(self) -> Connection:
+        """A connection of its own listening on every channel."""
+        listener: Connection = await asyncpg.connect(self.url)
+        try:
+            await listener.add_listener(_KEYS_CHANNEL, self._key_revoked)
+            await listener.add_listener(_EVENTS_CHANNEL, self._events_stored)
+            await listener.add_listener(_CANCEL_CHANNEL, self._cancel_requested)
+        except BaseException:
+            await listener.close()
+            raise
+        listener.add_termination_listener(self._listener_lost)
+        return listener
+
+    async def _listen_again(self) -> None:
+        """Reconnects the listening connection (backing off up to RELISTEN_MAX_SECONDS); then
+        acts on whatever may have been missed meanwhile: cached keys are forgotten and every
+        follower reads the store again (owners learn of missed cancels at their next renewal)."""
+        delay = 0.1
+        while True:
+            try:
+                self._listener = await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.debug("listening connection not back yet: %s", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RELISTEN_MAX_SECONDS)
+                continue
+            log.warning("listening for notifications again")
+            self._key_revoked()
+            for watches in list(self._watches.values()):
+                for watch in watches:
+                    watch.wake()
+            return
 
     # ------------------------------------------------------------------ the writer
 
@@ -289,11 +326,14 @@ class PostgresStore:
         self._revoked.append(callback)
 
     def _listener_lost(self, connection: object) -> None:
-        if connection is self._listener:
-            log.warning(
-                "lost the connection that listens for key revocations; a key revoked elsewhere"
-                " now stops working here when its cache entry expires"
-            )
+        if connection is not self._listener:
+            return  # closed by us
+        self._listener = None
+        log.warning(
+            "lost the connection that listens for notifications (key revocations, cancels, stored"
+            " events); reconnecting, meanwhile followers poll and revoked keys expire from the cache"
+        )
+        self._relisten = asyncio.get_running_loop().create_task(self._listen_again(), name="venna-relisten")
 
     def watch_events(self, response_id: str) -> _Watch:
         watch = _Watch(self, response_id)
