@@ -395,9 +395,9 @@ class BackgroundRunner:
                 except base.BackendError as error:
                     self._stage(live, builder.failed(error.code, error.message))
         except asyncio.CancelledError:
-            if live.lost:
-                self._lose(live)
-                return
+            # Also when the response was taken over or deleted (``live.lost``): the final save
+            # below is then refused if another process holds it, and records only the usage
+            # if it is gone.
             if live.shutting_down and not started:
                 # Never started: stays queued in the store, for another replica or the next start.
                 self._released.append(live.response_id)
@@ -424,8 +424,6 @@ class BackgroundRunner:
         """Stores the final state with the terminal event in one transaction, then publishes it."""
         try:
             await self._drain(live)
-            if live.lost:
-                return
             if await self._store.save_response(
                 live.workspace_id,
                 live.builder.response,
@@ -435,7 +433,7 @@ class BackgroundRunner:
             ):
                 live.publish(live.terminal)
             else:
-                log.warning("background response %s was lost before its end was stored", live.response_id)
+                log.info("background response %s was taken over or deleted before its end", live.response_id)
                 live.lost = True
         except Exception:
             log.exception("could not store the end of background response %s", live.response_id)

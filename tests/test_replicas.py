@@ -190,6 +190,14 @@ async def test_a_cancel_on_one_replica_stops_the_run_on_the_other(postgres_url: 
             await wait_for_output(on_b, doomed["id"])
             assert (await on_b.delete(f"/responses/{doomed['id']}")).json()["deleted"] is True
             assert (await on_a.get(f"/responses/{doomed['id']}")).status_code == 404
+            deadline = time.monotonic() + 5
+            while True:  # A's run of it still has its usage record
+                report = json.loads(await venna_cli("usage", "--json", "--db", postgres_url))
+                [alpha] = report["workspaces"]
+                if alpha["total"]["responses"] == 2:
+                    break
+                assert time.monotonic() < deadline, alpha
+                await asyncio.sleep(0.1)
     log = (tmp_path / "a.log").read_text()
     assert "Traceback" not in log, log
 
