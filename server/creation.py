@@ -257,7 +257,7 @@ class Creation:
                     # final state is stored: what a caller saw end is never lost.
                     for event in batch[:-1]:
                         yield event
-                    if not await self.save(run):
+                    if not await self.save(run) and await self._still_stored(run):
                         raise _taken_over(response.id)
                     yield batch[-1]
         except base.BackendError as error:
@@ -292,6 +292,14 @@ class Creation:
             return await self._write(run) is not False
         self._save_detached(run)
         return True
+
+    async def _still_stored(self, run: Run) -> bool:
+        """Whether a response whose final save was refused still exists (then another process
+        holds it; otherwise it was deleted meanwhile, and its caller may see its end)."""
+        try:
+            return await self._store.get_response(run.workspace_id, run.builder.response.id) is not None
+        except UnreadableRecord:
+            return True
 
     def _write(self, run: Run) -> Awaitable[object]:
         """Queues the final write of a finished response; await it to know it is stored."""

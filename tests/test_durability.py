@@ -24,7 +24,7 @@ from google.protobuf import struct_pb2
 from tests.conftest import Venna, error_info, event_type, make_request, output_text, serving, start_config
 from tests.http_harness import HttpVenna
 from tests.test_background import wait_for_status
-from venna.backends.store import UNREADABLE_MESSAGE
+from venna.backends.store import UNREADABLE_MESSAGE, Lease
 from venna.backends.store.records import new_response_rows
 from venna.backends.store.sqlite import SqliteStore
 from venna.backends.store.sqlite.queries import Store
@@ -597,3 +597,39 @@ async def test_an_existing_readable_database_is_tightened(tmp_path: Path) -> Non
             async with serving(db_path) as venna:
                 await venna.alpha.create(input="secret")
                 assert {file.name: mode(file) for file in files} == {file.name: 0o600 for file in files}
+
+
+async def test_a_stream_whose_response_was_taken_over_ends_in_an_error_not_an_unstored_end(
+    tmp_path: Path,
+) -> None:
+    """Another process took over a stored response while this one streamed it (this one could
+    not renew its lease in time) and settled it: the caller is told so, and never sees an end
+    that was not stored."""
+    async with serving(tmp_path / "venna.db") as venna:
+        store = venna.server.store
+        workspace = await workspace_of(venna, venna.alpha.key)
+        other = Lease("srv_other", 60_000)
+        call = venna.alpha.stub.StreamResponse(
+            make_request(input=" ".join(["word"] * 40), model="echo:delay_ms=20"),
+            metadata=venna.alpha.metadata,
+        )
+        seen: list[events_pb2.ResponseStreamEvent] = []
+
+        async def read_while_taken_over() -> None:
+            async for event in call:
+                seen.append(event)
+                if len(seen) == 4:
+                    response_id = seen[0].created.response.id
+                    assert await store.take_over(other, workspace, response_id)
+                    taken = await store.get_response(workspace, response_id)
+                    assert taken is not None
+                    taken.status = response_pb2.RESPONSE_STATUS_FAILED
+                    assert await store.save_response(workspace, taken, finished=True, lease=other)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_while_taken_over()
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+        assert error_info(caught.value).reason == "RESPONSE_TAKEN_OVER"
+        assert not [event for event in seen if event.WhichOneof("event") in ("completed", "failed")]
+        stored = await venna.alpha.get(seen[0].created.response.id)
+        assert stored.status == response_pb2.RESPONSE_STATUS_FAILED  # what the other process stored
