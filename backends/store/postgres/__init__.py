@@ -1,8 +1,10 @@
 """The store on PostgreSQL (asyncpg), for several replicas sharing one state.
 
 Reads go straight to a connection pool. Writes go through one writer task per process, which
-takes every write queued meanwhile and commits them in one transaction (group commit, each
-commit durable): consecutive inserts of new records are merged into one statement per table.
+takes every write queued meanwhile and commits them together (group commit, each commit
+durable). A batch of new records only (creates, appended events, usage: the common case) is one
+statement, each table's rows sent as arrays, with its notification: one round trip. A batch
+with updates runs in one transaction, consecutive inserts merged into one statement per table.
 Should a batch fail, its writes are run again one by one, each in its own transaction, so that
 a failing write fails alone.
 """
@@ -232,24 +234,45 @@ class PostgresStore:
                 return
 
     async def _commit(self, batch: list[_Queued]) -> None:
+        if all(isinstance(write, NewRows) for write, _, _ in batch):
+            # Only new records (the common case: creates): one statement, one round trip.
+            merged = NewRows()
+            for write, _, _ in batch:
+                assert isinstance(write, NewRows)
+                merged.add(write)
+            statement, arguments = _one_statement(merged, {id_ for _, _, touched in batch for id_ in touched})
+            try:
+                await self.pool.execute(statement, *arguments)
+            except Exception:
+                pass  # each on its own, below, so that only the failing one fails
+            else:
+                for _, future, _ in batch:
+                    _settle(future, None)
+                return
+            await self._commit_each(batch)
+            return
         try:
             async with self.pool.acquire() as connection, connection.transaction():
                 results = await self._run_merged(connection, [write for write, _, _ in batch])
                 await _announce(connection, {id_ for _, _, touched in batch for id_ in touched})
         except Exception:
             # Which one failed is not known: each on its own, so that only it fails.
-            for write, future, touched in batch:
-                try:
-                    async with self.pool.acquire() as connection, connection.transaction():
-                        (result,) = await self._run_merged(connection, [write])
-                        await _announce(connection, set(touched))
-                except Exception as error:
-                    _settle(future, error=error)
-                else:
-                    _settle(future, result)
+            await self._commit_each(batch)
             return
         for (_, future, _), result in zip(batch, results, strict=True):
             _settle(future, result)
+
+    async def _commit_each(self, batch: list[_Queued]) -> None:
+        """Each write of the batch in a transaction of its own."""
+        for write, future, touched in batch:
+            try:
+                async with self.pool.acquire() as connection, connection.transaction():
+                    (result,) = await self._run_merged(connection, [write])
+                    await _announce(connection, set(touched))
+            except Exception as error:
+                _settle(future, error=error)
+            else:
+                _settle(future, result)
 
     async def _run_merged(self, connection: Connection, writes: Sequence[_Write]) -> list[Any]:
         """Runs the writes in order; consecutive inserts go as one statement per table."""
@@ -733,6 +756,85 @@ async def _insert(connection: Connection, rows: NewRows) -> None:
         await connection.executemany(_ITEM_INSERT, rows.items)
     if rows.events:
         await connection.executemany(_EVENT_INSERT, rows.events)
+
+
+# Each table's columns as ``_one_statement`` inserts them from arrays: (name, array type);
+# a response's lease comes as a length, turned into an expiry by the database's clock.
+_ARRAY_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "usage": [
+        ("response_id", "text"),
+        ("workspace_id", "text"),
+        ("model", "text"),
+        ("status", "text"),
+        ("input_tokens", "bigint"),
+        ("output_tokens", "bigint"),
+        ("reasoning_tokens", "bigint"),
+        ("cached_tokens", "bigint"),
+        ("created_at", "bigint"),
+        ("finished_at", "bigint"),
+    ],
+    "responses": [
+        ("id", "text"),
+        ("workspace_id", "text"),
+        ("previous_response_id", "text"),
+        ("status", "integer"),
+        ("background", "integer"),
+        ("created_at", "bigint"),
+        ("body", "bytea"),
+        ("request", "bytea"),
+        ("owner", "text"),
+        ("lease_until", "bigint"),
+    ],
+    "items": [
+        ("workspace_id", "text"),
+        ("response_id", "text"),
+        ("item_id", "text"),
+        ("kind", "smallint"),
+        ("position", "integer"),
+        ("body", "bytea"),
+    ],
+    "events": [("response_id", "text"), ("sequence_number", "integer"), ("body", "bytea")],
+}
+# What each selected column becomes (the others are taken as they are).
+_CONVERTED = {
+    ("responses", "background"): "background::boolean",
+    ("responses", "lease_until"): f"{NOW_MS} + lease_until",
+}
+_CONFLICTS = {
+    "usage": _USAGE_UPSERT[_USAGE_UPSERT.index(" ON CONFLICT") :],
+    "events": " ON CONFLICT DO NOTHING",
+}
+
+
+def _one_statement(rows: NewRows, touched: set[str]) -> tuple[str, list[object]]:
+    """One statement inserting every row (each table's rows as arrays, unnested) and, if
+    ``touched``, notifying followers: a single round trip, atomic on its own."""
+    # A usage record written twice in one statement would be an error: the last one wins.
+    usage = list({row[0]: row for row in rows.usage}.values())
+    tables = {"usage": usage, "responses": rows.responses, "items": rows.items, "events": rows.events}
+    parts: list[str] = []
+    arguments: list[object] = []
+    for table, table_rows in tables.items():
+        if not table_rows:
+            continue
+        columns = _ARRAY_COLUMNS[table]
+        arrays = []
+        for index, (_, kind) in enumerate(columns):
+            arguments.append([row[index] for row in table_rows])
+            arrays.append(f"${len(arguments)}::{kind}[]")
+        names = ", ".join(name for name, _ in columns)
+        selected = ", ".join(_CONVERTED.get((table, name), name) for name, _ in columns)
+        parts.append(
+            f"{table}_rows AS (INSERT INTO {table} ({names}) SELECT {selected}"
+            f" FROM unnest({', '.join(arrays)}) AS t({names}){_CONFLICTS.get(table, '')})"
+        )
+    if touched:
+        payload = ",".join(sorted(touched))
+        arguments += [_EVENTS_CHANNEL, payload if len(payload) <= _MAX_PAYLOAD else "*"]
+        ending = f"SELECT pg_notify(${len(arguments) - 1}, ${len(arguments)})"
+    else:
+        ending = "SELECT 1"
+    return (f"WITH {', '.join(parts)} {ending}" if parts else ending), arguments
 
 
 def _settle(
