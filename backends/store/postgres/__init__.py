@@ -2,7 +2,7 @@
 
 Reads go straight to a connection pool. Writes go through one writer task per process, which
 takes every write queued meanwhile and commits them together (group commit, each commit
-durable). A batch of new records only (creates, appended events, usage: the common case) is one
+durable). A batch of new records only (creates and usage records: the common case) is one
 statement, each table's rows sent as arrays, with its notification: one round trip. A batch
 with updates runs in one transaction, consecutive inserts merged into one statement per table.
 Should a batch fail, its writes are run again one by one, each in its own transaction, so that
