@@ -2,7 +2,7 @@
 # a virtualenv); `make ci` is what CI runs, minus the fresh virtualenv (see .ci/run).
 PYTHON ?= python
 
-.PHONY: help install gen gen-check lint format typecheck imports test check ci bench bench-quick fuzz crash-soak
+.PHONY: help install gen gen-check lint format typecheck imports test check ci bench bench-quick fuzz crash-soak replica-soak
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -49,3 +49,6 @@ fuzz:  ## five minutes of generated requests against a venna serve process
 
 crash-soak:  ## twenty SIGKILLs under load, counting what was lost
 	$(PYTHON) scripts/crash_soak.py --kills 20
+
+replica-soak:  ## two replicas on PostgreSQL, one SIGKILLed twenty times: what the other settles
+	$(PYTHON) scripts/replica_soak.py --kills 20
