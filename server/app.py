@@ -206,7 +206,7 @@ class VennaServer:
         self.port = 0
 
     async def start(self) -> None:
-        await self.store.open()
+        await self.store.open(serving=True)
         try:
             self.port = self.server.add_insecure_port(self.config.grpc_listen)
         except RuntimeError:

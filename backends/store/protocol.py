@@ -372,9 +372,11 @@ class ResponseStore(Protocol):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self) -> Awaitable[None]:
+    def open(self, *, serving: bool = False) -> Awaitable[None]:
         """Connects and brings the schema up to date; before any other call. Raises
-        StoreUnavailable if the store cannot be reached or is not a Venna store."""
+        StoreUnavailable if the store cannot be reached or is not a Venna store, or if
+        ``serving`` (this process runs responses) and the store allows one such process only
+        and another holds it."""
         ...
 
     def close(self) -> Awaitable[None]:

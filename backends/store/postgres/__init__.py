@@ -136,7 +136,8 @@ class PostgresStore:
             raise RuntimeError("the store is not open")
         return self._pool
 
-    async def open(self) -> None:
+    async def open(self, *, serving: bool = False) -> None:
+        # Any number of processes may serve from one database.
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._sizes[0], max_size=self._sizes[1], command_timeout=60

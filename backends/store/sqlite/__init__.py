@@ -9,6 +9,8 @@ the same batch.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,16 +48,25 @@ class SqliteStore:
         self._thread = AsyncStore(queries)
         self._revoked: list[Callable[[], None]] = []
         self._cancelling: list[Callable[[str], None]] = []
+        # The open descriptor holding the serve lock, while this process serves from the file.
+        self._serve_lock: int | None = None
 
     # One process per file: a process starting takes over what the previous one left.
     shared = False
 
-    async def open(self) -> None:
-        """Nothing more to do: the file was opened and migrated when this store was made."""
+    async def open(self, *, serving: bool = False) -> None:
+        """The file was opened and migrated when this store was made. A serving process takes
+        the file's serve lock: a second server on the same file would claim the first one's
+        unfinished work as its own (the command-line tools take no lock)."""
+        if serving:
+            self._serve_lock = _take_serve_lock(self.path)
 
     async def close(self) -> None:
         # Joining the store's thread waits for the writes queued before: off the event loop.
         await asyncio.to_thread(self._thread.close)
+        if self._serve_lock is not None:
+            os.close(self._serve_lock)  # releases the lock
+            self._serve_lock = None
 
     # ------------------------------------------------------------------ keys and workspaces
 
@@ -249,3 +260,20 @@ def _stored(insert: asyncio.Future[None]) -> asyncio.Future[bool]:
 
     insert.add_done_callback(settle)
     return result
+
+
+def _take_serve_lock(path: Path) -> int:
+    """An exclusive lock on ``<database>.serve-lock`` (a file of its own, so that SQLite's own
+    locks on the database are never touched), held by the returned descriptor until it is
+    closed or the process ends, however it ends."""
+    lock_path = path.with_name(path.name + ".serve-lock")
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise StoreUnavailable(
+            f"{path}: another venna serve is running on this database file (one server per SQLite"
+            " file; several replicas share a PostgreSQL database)"
+        ) from None
+    return descriptor
