@@ -10,10 +10,11 @@ model (``venna-1`` → ``venice/zai-org-glm-5-1``); options after an alias are k
 registry (``responses`` when it names none) and that kind's keys::
 
     [upstreams.local]                       # serves local/<model>
-    kind = "responses"                      # an OpenAI-compatible Responses API
+    kind = "responses"                      # an OpenAI-compatible upstream
     base_url = "http://127.0.0.1:8000/v1"
-    api_key_env = "LOCAL_API_KEY"           # the environment variable holding the key
-    dialect = "openai"                      # "venice" (nested tools, the default) or "openai"
+    api_key_env = "LOCAL_API_KEY"           # the environment variable holding the key (if any)
+    dialect = "openai"                      # "venice" (nested tools, the default), "openai", or
+                                            # "chat" (POST /chat/completions: Ollama, vLLM, ...)
     accepts = ["temperature", "top_p", "max_output_tokens", "stop", "seed", "tools", "tool_choice"]
 
     [aliases]

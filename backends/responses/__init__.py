@@ -30,10 +30,11 @@ class ResponsesConfig:
     """An ``[upstreams.NAME]`` section of kind ``responses``."""
 
     base_url: str
-    # The environment variable holding the upstream's API key (never the key itself).
+    # The environment variable holding the upstream's API key (never the key itself); none
+    # (an upstream that needs no key, such as a local Ollama) when unset.
     api_key_env: str = ""
-    # "venice" (nested tool shapes) or "openai" (flat ones). Venice's, for sections written
-    # before there were kinds.
+    # "venice" (nested tool shapes), "openai" (flat ones), or "chat" (POST /chat/completions).
+    # Venice's, for sections written before there were kinds.
     dialect: str = "venice"
     # The optional generation settings the upstream honours; the dialect's list by default.
     accepts: list[str] | None = None
@@ -58,7 +59,7 @@ class ResponsesConfig:
 def build(config: ResponsesConfig, context: BuildContext) -> ResponsesUpstream:
     return ResponsesUpstream(
         config.base_url,
-        context.environ.get(config.api_key_env, "") if config.api_key_env else "",
+        context.environ.get(config.api_key_env, "") if config.api_key_env else None,
         prefix=f"{context.name}/",
         dialect=config.dialect,
         accepts=frozenset(config.accepts) if config.accepts is not None else None,
@@ -72,5 +73,6 @@ KIND = BackendKind(
     "responses",
     ResponsesConfig,
     build,
-    "an OpenAI-compatible Responses API upstream (POST /responses), dialect openai or venice",
+    "an OpenAI-compatible upstream: POST /responses (dialect openai or venice) or POST /chat/completions"
+    " (dialect chat)",
 )

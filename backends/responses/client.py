@@ -1,7 +1,9 @@
-"""An OpenAI-compatible Responses endpoint as a backend: a stateful API on a stateless upstream.
+"""An OpenAI-compatible upstream as a backend: a stateful API on a stateless upstream.
 
 One client serves any upstream that speaks ``POST /responses`` (OpenAI, Venice.ai, a
-self-hosted vLLM): ``dialect`` picks Venice's nested tool shapes or OpenAI's flat ones, and
+self-hosted vLLM) or ``POST /chat/completions`` (dialect ``chat``: Ollama, llama.cpp, vLLM, most
+aggregators): ``dialect`` picks Venice's nested tool shapes, OpenAI's flat ones or chat
+completions, and
 ``accepts`` lists the generation settings the upstream honours, so that the others are refused
 with a 400 instead of being dropped on the way. Venice is a preset of it (backends/venice.py).
 
@@ -29,11 +31,20 @@ from typing import Any
 import httpx
 
 from venna.backends import base
+from venna.backends.responses.chat import (
+    CHAT_ACCEPTS,
+    CHAT_PATH,
+    ChatTranslator,
+    chat_request,
+    refuse_unsupported,
+    whole_chat_events,
+)
 from venna.backends.responses.errors import retry_after_seconds, truncated, upstream_error
 from venna.backends.responses.requests import upstream_model, upstream_request
 from venna.backends.responses.streams import StreamTranslator, sse_events, whole_response_events
 
-DIALECTS = ("venice", "openai")
+# Venice's Responses API, OpenAI's, or chat completions (backends/responses/chat.py).
+DIALECTS = ("venice", "openai", "chat")
 # What each dialect's upstream honours by default.
 DEFAULT_ACCEPTS = {
     # Venice takes every optional setting but logprobs (its parts have none) and max_tool_calls.
@@ -41,6 +52,7 @@ DEFAULT_ACCEPTS = {
     "openai": frozenset(
         {"temperature", "top_p", "max_output_tokens", "prompt_cache_key", "reasoning", "tools", "tool_choice"}
     ),
+    "chat": CHAT_ACCEPTS,
 }
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 # A Retry-After longer than this is handed to the caller rather than waited out.
@@ -55,7 +67,7 @@ class ResponsesUpstream:
     def __init__(
         self,
         base_url: str,
-        api_key: str = "",
+        api_key: str | None = "",
         *,
         prefix: str,
         dialect: str = "openai",
@@ -87,7 +99,7 @@ class ResponsesUpstream:
         )
 
     def validate(self, request: base.GenerationRequest) -> None:
-        if not self._api_key:
+        if self._api_key == "":
             raise base.BackendError(
                 base.ErrorKind.UNAVAILABLE,
                 f"'{self.prefix}' models are not configured on this gateway (no upstream API key is set).",
@@ -101,7 +113,9 @@ class ResponsesUpstream:
                 param="model",
             )
         base.refuse_unaccepted(request, self.accepts)
-        if request.settings.text_format_kind not in (None, "text"):
+        if self.dialect == "chat":
+            refuse_unsupported(request)  # structured output included: response_format carries it
+        elif request.settings.text_format_kind not in (None, "text"):
             raise base.BackendError(
                 base.ErrorKind.INVALID_REQUEST,
                 "Structured output ('text.format' other than 'text') is not supported by this "
@@ -111,13 +125,18 @@ class ResponsesUpstream:
             )
 
     async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
-        body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
-        response = await self._open(body)
+        chat = self.dialect == "chat"
+        if chat:
+            body = chat_request(request, prefix=self.prefix)
+        else:
+            body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
+        response = await self._open(CHAT_PATH if chat else "/responses", body)
         if response.headers.get("content-type", "").startswith("application/json"):
-            events = whole_response_events(response)  # an upstream that answered unstreamed
+            # An upstream that answered unstreamed.
+            events = whole_chat_events(response) if chat else whole_response_events(response)
         else:
             events = sse_events(response)
-        translator = StreamTranslator()
+        translator: StreamTranslator | ChatTranslator = ChatTranslator() if chat else StreamTranslator()
         try:
             async for event_type, payload in events:
                 for event in translator.translate(event_type, payload):
@@ -155,14 +174,16 @@ class ResponsesUpstream:
             await asyncio.wait(set(self._draining))
         await self._client.aclose()
 
-    async def _open(self, body: dict[str, Any]) -> httpx.Response:
+    async def _open(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """Starts the upstream stream, retrying what is safe to retry; raises mapped errors."""
-        headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream"}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
         for attempt in range(1, self._max_attempts + 1):
             last = attempt == self._max_attempts
             try:
                 request = self._client.build_request(
-                    "POST", f"{self.base_url}/responses", json=body, headers=headers
+                    "POST", f"{self.base_url}{path}", json=body, headers=headers
                 )
                 response = await self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
