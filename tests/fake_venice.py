@@ -35,6 +35,8 @@ from tests.loop_thread import LoopThread, Shutdown
 from venna.gateway_http.server import HttpServer
 
 RESPONSES_PATH = "/api/v1/responses"
+# The same server speaking chat completions (dialect "chat"), as Ollama and vLLM do.
+CHAT_PATH = "/api/v1/chat/completions"
 DEFAULT_MODEL = "zai-org-glm-5-1"
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +487,7 @@ class FakeVenice(LoopThread):
     def _record(self, record: Recorded) -> Scenario | None:
         with self._lock:
             self.requests.append(record)
-            if record.method != "POST" or record.path != RESPONSES_PATH:
+            if record.method != "POST" or record.path not in (RESPONSES_PATH, CHAT_PATH):
                 return None
             return self._scenarios.popleft() if self._scenarios else None
 
@@ -514,7 +516,7 @@ class _Endpoint:
         scenario = self._fake._record(record)
         record.scenario = scenario
         if scenario is None:
-            if record.method == "POST" and record.path == RESPONSES_PATH:
+            if record.method == "POST" and record.path in (RESPONSES_PATH, CHAT_PATH):
                 scenario = ErrorReply(500, {"error": "fake Venice: no scenario queued"})
             else:
                 scenario = ErrorReply(404, {"error": "Not found"})
@@ -623,6 +625,7 @@ async def closes_within(fake: FakeVenice, index: int, timeout: float) -> Recorde
 
 
 __all__ = [
+    "CHAT_PATH",
     "DEFAULT_MODEL",
     "RESPONSES_PATH",
     "USAGE",
