@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from venna.responses.v1 import response_pb2
 
@@ -219,6 +219,27 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
         """Run the model. Cancelling the iteration must stop the work promptly."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model a backend serves, as ``GET /v1/models`` lists it."""
+
+    # The name a request uses, the backend's prefix included ("venice/qwen3").
+    id: str
+    owned_by: str
+    # Unix seconds, when the upstream says.
+    created: int | None = None
+
+
+@runtime_checkable
+class ModelCatalog(Protocol):
+    """A backend that can list the models it serves under its prefix (an upstream's
+    ``GET /models``); a backend without a catalog serves the name it is routed under."""
+
+    async def list_models(self) -> list[ModelInfo]:
+        """The models, from a cache where fetching is costly; [] when they cannot be told."""
         ...
 
 

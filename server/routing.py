@@ -23,6 +23,7 @@ registry (``responses`` when it names none) and that kind's keys::
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tomllib
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from venna.backends import registry, venice
-from venna.backends.base import Backend
+from venna.backends.base import Backend, ModelCatalog, ModelInfo
 from venna.backends.echo import MODEL_NAMES
 from venna.server.errors import invalid_argument, quoted
 
@@ -67,6 +68,22 @@ class Router:
     @property
     def models(self) -> list[str]:
         return sorted({*self._backends, *self._aliases})
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model a request may name, by id: each backend's own list where it has one
+        (fetched at once, each bounded by its own timeout), its routing name otherwise, and
+        the aliases."""
+        catalogs = {
+            name: backend for name, backend in self._backends.items() if isinstance(backend, ModelCatalog)
+        }
+        listed = await asyncio.gather(*(catalog.list_models() for catalog in catalogs.values()))
+        models = {model.id: model for found in listed for model in found}
+        for name in self._backends:
+            if name not in catalogs:
+                models.setdefault(name, ModelInfo(id=name, owned_by="venna"))
+        for alias in self._aliases:
+            models.setdefault(alias, ModelInfo(id=alias, owned_by="venna"))
+        return [models[model_id] for model_id in sorted(models)]
 
     def resolve(self, model: str) -> Route:
         """The route of ``model``; resolving a resolved name gives the same route."""

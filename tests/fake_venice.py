@@ -35,6 +35,8 @@ from tests.loop_thread import LoopThread, Shutdown
 from venna.gateway_http.server import HttpServer
 
 RESPONSES_PATH = "/api/v1/responses"
+# The upstream's model list (GET), answered with ``FakeVenice.models`` when set.
+MODELS_PATH = "/api/v1/models"
 # The same server speaking chat completions (dialect "chat"), as Ollama and vLLM do.
 CHAT_PATH = "/api/v1/chat/completions"
 DEFAULT_MODEL = "zai-org-glm-5-1"
@@ -427,6 +429,8 @@ class FakeVenice(LoopThread):
     def __init__(self, port: int = 0) -> None:
         self.port = port
         self.requests: list[Recorded] = []
+        # The body of GET /models; None: 404, as from an upstream without a model list.
+        self.models: dict[str, Any] | None = None
         self._scenarios: collections.deque[Scenario] = collections.deque()
         self._lock = threading.Lock()
         super().__init__()
@@ -451,6 +455,7 @@ class FakeVenice(LoopThread):
         with self._lock:
             self._scenarios.clear()
             self.requests = []
+            self.models = None
 
     @property
     def open_requests(self) -> list[Recorded]:
@@ -515,6 +520,8 @@ class _Endpoint:
         )
         scenario = self._fake._record(record)
         record.scenario = scenario
+        if scenario is None and record.method == "GET" and record.path == MODELS_PATH and self._fake.models:
+            scenario = ErrorReply(200, self._fake.models)
         if scenario is None:
             if record.method == "POST" and record.path in (RESPONSES_PATH, CHAT_PATH):
                 scenario = ErrorReply(500, {"error": "fake Venice: no scenario queued"})
@@ -627,6 +634,7 @@ async def closes_within(fake: FakeVenice, index: int, timeout: float) -> Recorde
 __all__ = [
     "CHAT_PATH",
     "DEFAULT_MODEL",
+    "MODELS_PATH",
     "RESPONSES_PATH",
     "USAGE",
     "Call",

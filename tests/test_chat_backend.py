@@ -231,10 +231,7 @@ async def test_reasoning_content_becomes_a_reasoning_item_before_the_message(
     response = final(events)
     kinds = [item.WhichOneof("item") for item in response.output]
     assert kinds == ["reasoning", "message"]
-    assert (
-        "".join(part.text for part in response.output[0].reasoning.content)
-        == "The user greets."
-    )
+    assert "".join(part.text for part in response.output[0].reasoning.content) == "The user greets."
     assert output_text(response) == "Hello!"
     assert "response.reasoning_text.delta" in types(events)
 

@@ -587,7 +587,7 @@ def test_body_over_four_mib_is_not_rate_limited(http_venna: HttpVenna) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("POST", "/chat/completions"), ("GET", "/models"), ("PUT", "/nothing/here")]
+    ("method", "path"), [("POST", "/chat/completions"), ("GET", "/files"), ("PUT", "/nothing/here")]
 )
 def test_unknown_endpoint_is_501(http: httpx.Client, method: str, path: str) -> None:
     response = http.request(method, path, json={})

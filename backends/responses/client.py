@@ -24,7 +24,9 @@ which upstreams such as Venice count against the key.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -59,6 +61,12 @@ _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_RETRY_WAIT = 10.0
 # How long a finished stream may take to send its closing [DONE] before the connection is dropped.
 _DRAIN_SECONDS = 2.0
+# How long an upstream's model list is reused, and how long fetching it may take.
+MODELS_CACHE_SECONDS = 300.0
+_MODELS_TIMEOUT = 5.0
+_MODELS_RETRY_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class ResponsesUpstream:
@@ -93,6 +101,9 @@ class ResponsesUpstream:
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
         self._draining: set[asyncio.Task[None]] = set()
+        # The upstream's models and when they were fetched; one fetch at a time.
+        self._models: tuple[float, list[base.ModelInfo]] | None = None
+        self._models_lock = asyncio.Lock()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -168,6 +179,40 @@ class ResponsesUpstream:
                 self._draining.add(closing)
                 closing.add_done_callback(self._draining.discard)
                 await asyncio.shield(closing)
+
+    async def list_models(self) -> list[base.ModelInfo]:
+        """The upstream's ``GET /models`` under this prefix, cached for MODELS_CACHE_SECONDS; []
+        when the upstream is not configured (no key) or does not answer (then asked again at
+        the next call, not cached)."""
+        if self._api_key == "":
+            return []
+        async with self._models_lock:
+            if self._models is not None and time.monotonic() - self._models[0] < MODELS_CACHE_SECONDS:
+                return self._models[1]
+            headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            try:
+                answer = await self._client.get(
+                    f"{self.base_url}/models", headers=headers, timeout=_MODELS_TIMEOUT
+                )
+                answer.raise_for_status()
+                listed = answer.json().get("data")
+            except (httpx.HTTPError, ValueError, AttributeError) as error:
+                log.warning("could not list the models of %s: %s", self.base_url, error)
+                # Asked again in a while, not at every listing: a down upstream must not make
+                # every GET /v1/models wait for its timeout.
+                self._models = (time.monotonic() - MODELS_CACHE_SECONDS + _MODELS_RETRY_SECONDS, [])
+                return []
+            models = [
+                base.ModelInfo(
+                    id=f"{self.prefix}{entry['id']}",
+                    owned_by=str(entry.get("owned_by") or self.prefix.rstrip("/")),
+                    created=entry["created"] if isinstance(entry.get("created"), int) else None,
+                )
+                for entry in listed or []
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]
+            ]
+            self._models = (time.monotonic(), models)
+            return models
 
     async def aclose(self) -> None:
         if self._draining:
