@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from google.protobuf import json_format
 
 from venna.backends import base
@@ -209,12 +208,10 @@ def _response_format(text_format: response_pb2.TextFormat | None) -> dict[str, A
     return None
 
 
-async def whole_chat_events(
-    response: httpx.Response,
-) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+async def whole_chat_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
     """A non-streamed chat completion as the chunks that would have streamed it."""
     try:
-        data = json.loads(await response.aread())
+        data = json.loads(content)
     except ValueError:
         raise base.BackendError(
             base.ErrorKind.UNAVAILABLE, "The upstream sent a response that is not JSON.", code="server_error"

@@ -24,13 +24,14 @@ which upstreams such as Venice count against the key.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from venna.backends import base
 from venna.backends.responses.chat import (
@@ -104,10 +105,21 @@ class ResponsesUpstream:
         # The upstream's models and when they were fetched; one fetch at a time.
         self._models: tuple[float, list[base.ModelInfo]] | None = None
         self._models_lock = asyncio.Lock()
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
+        # Made on first use, inside the event loop that uses it.
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The pooled HTTP client. aiohttp, not httpx: measured here at about a third of the
+        CPU per streamed request, and without httpx's per-request pool scan that made the cost
+        grow with concurrency (scripts/bench_c.py, section upstream)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout
+            )
+        return self._session
 
     def validate(self, request: base.GenerationRequest) -> None:
         if self._api_key == "":
@@ -142,13 +154,15 @@ class ResponsesUpstream:
         else:
             body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
         response = await self._open(CHAT_PATH if chat else "/responses", body)
-        if response.headers.get("content-type", "").startswith("application/json"):
-            # An upstream that answered unstreamed.
-            events = whole_chat_events(response) if chat else whole_response_events(response)
-        else:
-            events = sse_events(response)
+        events: AsyncGenerator[tuple[str, dict[str, Any] | None], None]
         translator: StreamTranslator | ChatTranslator = ChatTranslator() if chat else StreamTranslator()
         try:
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # An upstream that answered unstreamed.
+                content = await response.read()
+                events = whole_chat_events(content) if chat else whole_response_events(content)
+            else:
+                events = sse_events(response.content.iter_any())
             async for event_type, payload in events:
                 for event in translator.translate(event_type, payload):
                     yield event
@@ -156,34 +170,32 @@ class ResponsesUpstream:
                     return
             if not translator.finished:
                 raise truncated()
-        except httpx.TimeoutException:
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise base.BackendError(
                 base.ErrorKind.TIMEOUT, "The upstream model timed out.", code="server_error"
             ) from None
-        except httpx.HTTPError as error:
+        except aiohttp.ClientError as error:
             raise base.BackendError(
-                base.ErrorKind.UNAVAILABLE, f"The upstream stream failed: {error}.", code="server_error"
+                base.ErrorKind.UNAVAILABLE,
+                f"The upstream stream failed: {_described(error)}.",
+                code="server_error",
             ) from None
         finally:
             if translator.finished:
                 # Read the rest ([DONE]) off the critical path, so the connection goes back to
                 # the pool instead of being dropped.
-                task = asyncio.get_running_loop().create_task(_drain(events, response))
+                task = asyncio.get_running_loop().create_task(_drain(response))
                 self._draining.add(task)
                 task.add_done_callback(self._draining.discard)
             else:
-                # Closing the response closes the upstream connection: cancellation reaches Venice.
-                # Shielded, so that a second cancellation cannot leave the request half-closed
-                # (and the upstream generating, and billing, for nobody).
-                closing = asyncio.get_running_loop().create_task(_close(events, response))
-                self._draining.add(closing)
-                closing.add_done_callback(self._draining.discard)
-                await asyncio.shield(closing)
+                # Closing the response closes the upstream connection: cancellation reaches the
+                # upstream at once, and it stops generating (and billing) for nobody.
+                response.close()
 
     async def list_models(self) -> list[base.ModelInfo]:
         """The upstream's ``GET /models`` under this prefix, cached for MODELS_CACHE_SECONDS; []
-        when the upstream is not configured (no key) or does not answer (then asked again at
-        the next call, not cached)."""
+        when the upstream is not configured (no key) or does not answer (then asked again after
+        _MODELS_RETRY_SECONDS)."""
         if self._api_key == "":
             return []
         async with self._models_lock:
@@ -191,13 +203,15 @@ class ResponsesUpstream:
                 return self._models[1]
             headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             try:
-                answer = await self._client.get(
-                    f"{self.base_url}/models", headers=headers, timeout=_MODELS_TIMEOUT
-                )
-                answer.raise_for_status()
-                listed = answer.json().get("data")
-            except (httpx.HTTPError, ValueError, AttributeError) as error:
-                log.warning("could not list the models of %s: %s", self.base_url, error)
+                async with self._http().get(
+                    f"{self.base_url}/models",
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=_MODELS_TIMEOUT),
+                ) as answer:
+                    answer.raise_for_status()
+                    listed = (await answer.json(content_type=None)).get("data")
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as error:
+                log.warning("could not list the models of %s: %s", self.base_url, _described(error))
                 # Asked again in a while, not at every listing: a down upstream must not make
                 # every GET /v1/models wait for its timeout.
                 self._models = (time.monotonic() - MODELS_CACHE_SECONDS + _MODELS_RETRY_SECONDS, [])
@@ -217,52 +231,56 @@ class ResponsesUpstream:
     async def aclose(self) -> None:
         if self._draining:
             await asyncio.wait(set(self._draining))
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def _open(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _open(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """Starts the upstream stream, retrying what is safe to retry; raises mapped errors."""
-        headers = {"accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream", "content-type": "application/json"}
         if self._api_key:
             headers["authorization"] = f"Bearer {self._api_key}"
+        data = json.dumps(body).encode()
         for attempt in range(1, self._max_attempts + 1):
             last = attempt == self._max_attempts
             try:
-                request = self._client.build_request(
-                    "POST", f"{self.base_url}{path}", json=body, headers=headers
-                )
-                response = await self._client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                response = await self._http().post(f"{self.base_url}{path}", data=data, headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # Nothing reached the upstream: safe to try again.
                 if last:
                     raise base.BackendError(
                         base.ErrorKind.UNAVAILABLE,
-                        f"Cannot reach the upstream model: {error}.",
+                        f"Cannot reach the upstream model: {_described(error)}.",
                         code="server_error",
                     ) from None
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
-            except httpx.TimeoutException:
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 # The upstream may be working (and billing) on it: never send it twice.
                 raise base.BackendError(
                     base.ErrorKind.TIMEOUT, "The upstream model did not answer in time.", code="server_error"
                 ) from None
-            except httpx.TransportError as error:
+            except aiohttp.ClientError as error:
                 raise base.BackendError(
                     base.ErrorKind.UNAVAILABLE,
-                    f"The upstream connection failed: {error}.",
+                    f"The upstream connection failed: {_described(error)}.",
                     code="server_error",
                 ) from None
-            if response.is_success:
+            if 200 <= response.status < 300:
                 return response
-            await response.aread()
-            await response.aclose()
-            retry_after = retry_after_seconds(response)
-            if response.status_code in _RETRIED_STATUSES and not last:
+            try:
+                content = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                content = b""
+            finally:
+                response.release()
+            retry_after = retry_after_seconds(response.headers)
+            if response.status in _RETRIED_STATUSES and not last:
                 wait = self._backoff(attempt, retry_after)
                 if wait <= _MAX_RETRY_WAIT:
                     await asyncio.sleep(wait)
                     continue
-            raise upstream_error(response, retry_after)
+            raise upstream_error(response.status, content, retry_after)
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -272,26 +290,19 @@ class ResponsesUpstream:
         return delay + random.uniform(0, delay)  # jitter on top of the exponential step
 
 
-async def _close(
-    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
-) -> None:
-    try:
-        await events.aclose()
-    finally:
-        await response.aclose()
-
-
-async def _drain(
-    events: AsyncGenerator[tuple[str, dict[str, Any] | None], None], response: httpx.Response
-) -> None:
+async def _drain(response: aiohttp.ClientResponse) -> None:
     """Reads a finished stream to the end of its body (briefly): only a fully read response
     returns its connection to the pool."""
     try:
         async with asyncio.timeout(_DRAIN_SECONDS):
-            async for _ in events:
+            async for _ in response.content.iter_any():
                 pass
-    except (TimeoutError, httpx.HTTPError):
-        pass
-    finally:
-        await events.aclose()
-        await response.aclose()
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
+    else:
+        response.release()
+
+
+def _described(error: BaseException) -> str:
+    """An aiohttp error in a few words (some carry no message of their own)."""
+    return str(error) or type(error).__name__

@@ -3,15 +3,15 @@ body may hold a traceback or a database URL), with retry hints where the upstrea
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
-
-import httpx
 
 from venna.backends import base
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after") or headers.get("Retry-After")
     if value is None:
         return None
     try:
@@ -29,14 +29,19 @@ def clipped(text: str) -> str:
     return text if len(text) <= MAX_UPSTREAM_MESSAGE else text[: MAX_UPSTREAM_MESSAGE - 1] + "…"
 
 
-def _error_message(response: httpx.Response) -> str | None:
+def _json(content: bytes) -> Any:
+    """The body as JSON; None if it is not JSON."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def _error_message(content: bytes) -> str | None:
     """The upstream's own message about a request it refused (a 4xx), from the JSON error
     bodies Venice and OpenAI-style servers send, clipped; None for any other body. Raw text
     (an HTML page, a stack trace) never reaches the caller."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
+    body = _json(content)
     if not isinstance(body, dict):
         return None
     error = body.get("error")
@@ -60,11 +65,8 @@ def _error_message(response: httpx.Response) -> str | None:
     return clipped(message)
 
 
-def _error_code_and_param(response: httpx.Response) -> tuple[str | None, str | None]:
-    try:
-        body = response.json()
-    except ValueError:
-        return None, None
+def _error_code_and_param(content: bytes) -> tuple[str | None, str | None]:
+    body = _json(content)
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         return None, None
@@ -77,11 +79,11 @@ def _error_code_and_param(response: httpx.Response) -> tuple[str | None, str | N
     )
 
 
-def upstream_error(response: httpx.Response, retry_after: float | None) -> base.BackendError:
-    """The error of a refused upstream call. A 5xx says only that the upstream failed, with its
-    status: its body (a stack trace, a proxy's page) is the upstream's business. A 4xx keeps
-    the upstream's own JSON message, which tells the caller what to fix."""
-    status = response.status_code
+def upstream_error(status: int, content: bytes, retry_after: float | None) -> base.BackendError:
+    """The error of a refused upstream call (its status and body). A 5xx says only that the
+    upstream failed, with its status: its body (a stack trace, a proxy's page) is the
+    upstream's business. A 4xx keeps the upstream's own JSON message, which tells the caller
+    what to fix."""
     if status in (401, 403):
         return base.BackendError(
             base.ErrorKind.INTERNAL,
@@ -96,7 +98,7 @@ def upstream_error(response: httpx.Response, retry_after: float | None) -> base.
         return base.BackendError(
             base.ErrorKind.UNAVAILABLE, f"The upstream model failed (HTTP {status}).", code="server_error"
         )
-    message = _error_message(response)
+    message = _error_message(content)
     if status == 402:
         return base.BackendError(
             base.ErrorKind.QUOTA_EXCEEDED,
@@ -118,7 +120,7 @@ def upstream_error(response: httpx.Response, retry_after: float | None) -> base.
             param="model",
         )
     # An OpenAI-shaped body names its own code and parameter (context_length_exceeded, …).
-    code, param = _error_code_and_param(response)
+    code, param = _error_code_and_param(content)
     return base.BackendError(
         base.ErrorKind.INVALID_REQUEST,
         message or f"The upstream model refused the request (HTTP {status}).",

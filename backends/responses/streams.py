@@ -5,21 +5,32 @@ parsed once; Venice's dialect (reasoning deltas, plain-string summaries, web sea
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
-
-import httpx
 
 from venna.backends import base
 from venna.backends.responses.errors import clipped, stream_error, truncated
 from venna.responses.v1 import response_pb2
 
 
-async def sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
-    """(event type, JSON payload) pairs; ``[DONE]`` arrives as ("[DONE]", None)."""
+async def lines_of(chunks: AsyncIterable[bytes]) -> AsyncGenerator[str, None]:
+    """The lines of a body read in chunks of any size (no limit on a line's length: one SSE
+    data line carries a whole response)."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode(errors="replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode(errors="replace")
+
+
+async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+    """(event type, JSON payload) pairs of an SSE body; ``[DONE]`` arrives as ("[DONE]", None)."""
     event_type = ""
     data: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in lines_of(chunks):
         if line.startswith("event:"):
             event_type = line[6:].strip()
         elif line.startswith("data:"):
@@ -42,13 +53,11 @@ async def sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str, dict
 _TERMINAL_STATUSES = {"completed", "incomplete", "failed"}
 
 
-async def whole_response_events(
-    response: httpx.Response,
-) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+async def whole_response_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
     """A non-streamed Response body as the events that would have streamed it: each output item
     done (its content included), then the terminal event."""
     try:
-        data = json.loads(await response.aread())
+        data = json.loads(content)
     except ValueError:
         raise base.BackendError(
             base.ErrorKind.UNAVAILABLE, "The upstream sent a response that is not JSON.", code="server_error"
