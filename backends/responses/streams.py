@@ -8,6 +8,8 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
+import orjson
+
 from venna.backends import base
 from venna.backends.responses.errors import clipped, stream_error, truncated
 from venna.responses.v1 import response_pb2
@@ -42,7 +44,7 @@ async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncGenerator[tuple[str, 
                 yield "[DONE]", None
             else:
                 try:
-                    payload = json.loads(text)
+                    payload = orjson.loads(text)  # several times faster than json: once per event
                 except ValueError:
                     continue  # not ours to crash on: skip a malformed frame
                 if isinstance(payload, dict):
