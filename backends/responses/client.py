@@ -3,9 +3,9 @@
 One client serves any upstream that speaks ``POST /responses`` (OpenAI, Venice.ai, a
 self-hosted vLLM) or ``POST /chat/completions`` (dialect ``chat``: Ollama, llama.cpp, vLLM, most
 aggregators): ``dialect`` picks Venice's nested tool shapes, OpenAI's flat ones or chat
-completions, and
-``accepts`` lists the generation settings the upstream honours, so that the others are refused
-with a 400 instead of being dropped on the way. Venice is a preset of it (backends/venice.py).
+completions, and ``accepts`` lists the generation settings the upstream honours, so that the
+others are refused with a 400 instead of being dropped on the way. Venice is a preset of it
+(backends/venice.py).
 
 The upstream keeps nothing, so every call sends the full rebuilt context; ``instructions``
 become a leading system message; Venna's own fields (store, background, metadata,
@@ -98,6 +98,8 @@ class ResponsesUpstream:
         self.prefix = prefix
         self.dialect = dialect
         self.accepts = DEFAULT_ACCEPTS[dialect] if accepts is None else accepts
+        # None: the upstream takes no key (a local server); "": it needs one and none is set,
+        # so its models are refused and not listed.
         self._api_key = api_key
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
