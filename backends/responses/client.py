@@ -164,7 +164,7 @@ class ResponsesUpstream:
                 content = await response.read()
                 events = whole_chat_events(content) if chat else whole_response_events(content)
             else:
-                events = sse_events(response.content.iter_any())
+                events = sse_events(_body_chunks(response))
             async for event_type, payload in events:
                 for event in translator.translate(event_type, payload):
                     yield event
@@ -290,6 +290,24 @@ class ResponsesUpstream:
             return retry_after
         delay: float = self._backoff_base * 2 ** (attempt - 1)
         return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+async def _body_chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    """The body as it arrives. When the connection is cut, aiohttp raises before handing over
+    the bytes it had already received: those are handed over first, so that everything the
+    upstream sent before the cut is kept (and stored with the failed response)."""
+    content = response.content
+    try:
+        async for chunk in content.iter_any():
+            yield chunk
+    except aiohttp.ClientPayloadError:
+        # The reader's buffer is not public API: read defensively, salvage nothing if it moved.
+        buffered = getattr(content, "_buffer", None)
+        if buffered:
+            received = b"".join(buffered)
+            buffered.clear()
+            yield received
+        raise
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
