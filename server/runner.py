@@ -254,6 +254,12 @@ class BackgroundRunner:
         given CANCEL_WAIT_SECONDS to store it cancelled; then it is taken over and stored
         cancelled here. The response as stored at the end; None if it is gone."""
         if self._store.shared and await self._store.request_cancel(workspace_id, response_id):
+            # An owner whose lease has expired will not answer: claimed now, the response is
+            # settled as cancelled at once instead of after the wait.
+            try:
+                await self._claim(expired_only=True)
+            except Exception:
+                log.exception("could not claim lost work")
             watch = self._store.watch_events(response_id)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + CANCEL_WAIT_SECONDS

@@ -258,6 +258,33 @@ async def test_a_cancel_nobody_answers_is_taken_over(postgres_url: str, tmp_path
             check_one_stream(await stream_events(on_b, queued["id"]), None)
 
 
+async def test_a_cancel_of_a_lost_replica_s_response_is_answered_at_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A's lease has expired (A was killed) but B would not look for lost work for a while (its
+    own lease is long): a cancel on B claims the response and cancels it at once, without
+    waiting for an owner that cannot answer."""
+    key = create_key(postgres_url, "alpha")
+    with (
+        serving(
+            postgres_url, tmp_path / "a.log", "--lease-seconds", "1", "--background-concurrency", "1"
+        ) as a,
+        serving(postgres_url, tmp_path / "b.log", "--lease-seconds", "60") as b,
+    ):
+        async with client(a, key) as on_a, client(b, key) as on_b:
+            body = {"model": SLOW, "input": LONG_INPUT, "background": True}
+            await on_a.post("/responses", json=body)
+            queued = (await on_a.post("/responses", json=body)).json()
+            a.kill()
+            await asyncio.sleep(1.5)  # A's lease is over
+            started = time.monotonic()
+            cancelled = (await on_b.post(f"/responses/{queued['id']}/cancel")).json()
+            took = time.monotonic() - started
+            assert cancelled["status"] == "cancelled"
+            assert took < 2.0, f"the cancel took {took:.1f} s"
+            check_one_stream(await stream_events(on_b, queued["id"]), None)
+
+
 async def test_a_key_revoked_is_refused_by_every_replica_within_a_second(
     postgres_url: str, tmp_path: Path
 ) -> None:
