@@ -298,8 +298,10 @@ class ChatTranslator:
         function = raw.get("function") or {}
         if raw.get("id"):
             call.call_id = str(raw["id"])
-        if function.get("name"):
-            call.name += str(function["name"])
+        if function.get("name") and not call.name:
+            # Servers send the name once, in the call's first chunk; one that repeats it in
+            # later chunks must not have it doubled.
+            call.name = str(function["name"])
         arguments = str(function.get("arguments") or "")
         if self._live is None:
             self._live = index
