@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import Venna, error_info, event_type, make_request, output_text, serving
 from tests.fake_venice import CHAT_PATH, FakeVenice, Frame, StreamReply, closes_within, error
 from tests.test_background import wait_for_status
+from tests.test_venice_backend import weather_tool
 from venna.backends.echo import EchoBackend
 from venna.backends.responses import ResponsesUpstream
 from venna.responses.v1 import events_pb2, response_pb2
@@ -79,14 +80,6 @@ def tool_call(
         call.update(id=call_id, type="function")
         call["function"]["name"] = name
     return {"tool_calls": [call]}
-
-
-def weather_tool() -> response_pb2.Tool:
-    tool = response_pb2.Tool()
-    tool.function.name = "get_weather"
-    tool.function.description = "Weather of a city"
-    tool.function.parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
-    return tool
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.conftest import Client, Venna, async_stub, event_type, output_text, user_message
-from tests.process_harness import serving
+from tests.process_harness import serving, spawn_serve
 from venna.responses.v1 import response_pb2, service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -412,27 +412,13 @@ def test_a_second_server_on_one_sqlite_file_is_refused_while_the_tools_still_wor
     and once the first is killed, a new server starts on the file."""
     db = tmp_path / "venna.db"
     with serving(db, tmp_path / "first.log"):
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "venna.cli",
-                "serve",
-                "--db",
-                str(db),
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert second.returncode == 2, second.stderr
-        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        second = spawn_serve(db, tmp_path / "second.log")
+        assert second.stdout is not None
+        second.stdout.close()
+        status = second.wait(timeout=30)
+        stderr = (tmp_path / "second.log").read_text()
+        assert status == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "another venna serve is running on this database file" in lines[0], lines
         assert venna_command("keys", "create", "--workspace", "alpha", db=db).returncode == 0
     with serving(db, tmp_path / "again.log"):  # the first one's lock went with it

@@ -237,25 +237,36 @@ async def test_a_killed_replica_s_work_is_settled_by_the_other_within_its_lease(
     assert "Traceback" not in log, log
 
 
-async def test_a_cancel_nobody_answers_is_taken_over(postgres_url: str, tmp_path: Path) -> None:
-    """The owner of a queued response is gone (SIGKILL) but its lease has not expired yet: a
-    cancel waits for it a while, then takes the response over and cancels it itself."""
-    key = create_key(postgres_url, "alpha")
+@contextlib.asynccontextmanager
+async def queued_on_a_killed_replica(
+    url: str, tmp_path: Path, lease_seconds: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """Replica A (one slot, ``lease_seconds``) holds a running and a queued response and is
+    killed; yields a client of replica B (a long lease: it looks for lost work rarely) and the
+    queued response's id."""
+    key = create_key(url, "alpha")
     with (
         serving(
-            postgres_url, tmp_path / "a.log", "--lease-seconds", "60", "--background-concurrency", "1"
+            url, tmp_path / "a.log", "--lease-seconds", lease_seconds, "--background-concurrency", "1"
         ) as a,
-        serving(postgres_url, tmp_path / "b.log", "--lease-seconds", "60") as b,
+        serving(url, tmp_path / "b.log", "--lease-seconds", "60") as b,
     ):
         async with client(a, key) as on_a, client(b, key) as on_b:
             body = {"model": SLOW, "input": LONG_INPUT, "background": True}
             await on_a.post("/responses", json=body)
             queued = (await on_a.post("/responses", json=body)).json()
             a.kill()
-            cancelled = (await on_b.post(f"/responses/{queued['id']}/cancel")).json()
-            assert cancelled["status"] == "cancelled"
-            assert (await on_b.get(f"/responses/{queued['id']}")).json()["status"] == "cancelled"
-            check_one_stream(await stream_events(on_b, queued["id"]), None)
+            yield on_b, queued["id"]
+
+
+async def test_a_cancel_nobody_answers_is_taken_over(postgres_url: str, tmp_path: Path) -> None:
+    """The owner of a queued response is gone (SIGKILL) but its lease has not expired yet: a
+    cancel waits for it a while, then takes the response over and cancels it itself."""
+    async with queued_on_a_killed_replica(postgres_url, tmp_path, "60") as (on_b, queued):
+        cancelled = (await on_b.post(f"/responses/{queued}/cancel")).json()
+        assert cancelled["status"] == "cancelled"
+        assert (await on_b.get(f"/responses/{queued}")).json()["status"] == "cancelled"
+        check_one_stream(await stream_events(on_b, queued), None)
 
 
 async def test_a_cancel_of_a_lost_replica_s_response_is_answered_at_once(
@@ -264,25 +275,14 @@ async def test_a_cancel_of_a_lost_replica_s_response_is_answered_at_once(
     """A's lease has expired (A was killed) but B would not look for lost work for a while (its
     own lease is long): a cancel on B claims the response and cancels it at once, without
     waiting for an owner that cannot answer."""
-    key = create_key(postgres_url, "alpha")
-    with (
-        serving(
-            postgres_url, tmp_path / "a.log", "--lease-seconds", "1", "--background-concurrency", "1"
-        ) as a,
-        serving(postgres_url, tmp_path / "b.log", "--lease-seconds", "60") as b,
-    ):
-        async with client(a, key) as on_a, client(b, key) as on_b:
-            body = {"model": SLOW, "input": LONG_INPUT, "background": True}
-            await on_a.post("/responses", json=body)
-            queued = (await on_a.post("/responses", json=body)).json()
-            a.kill()
-            await asyncio.sleep(1.5)  # A's lease is over
-            started = time.monotonic()
-            cancelled = (await on_b.post(f"/responses/{queued['id']}/cancel")).json()
-            took = time.monotonic() - started
-            assert cancelled["status"] == "cancelled"
-            assert took < 2.0, f"the cancel took {took:.1f} s"
-            check_one_stream(await stream_events(on_b, queued["id"]), None)
+    async with queued_on_a_killed_replica(postgres_url, tmp_path, "1") as (on_b, queued):
+        await asyncio.sleep(1.5)  # A's lease is over
+        started = time.monotonic()
+        cancelled = (await on_b.post(f"/responses/{queued}/cancel")).json()
+        took = time.monotonic() - started
+        assert cancelled["status"] == "cancelled"
+        assert took < 2.0, f"the cancel took {took:.1f} s"
+        check_one_stream(await stream_events(on_b, queued), None)
 
 
 async def test_a_key_revoked_is_refused_by_every_replica_within_a_second(

@@ -15,7 +15,6 @@ response incomplete; usage comes from the chunk ``stream_options.include_usage``
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from google.protobuf import json_format
 
 from venna.backends import base
 from venna.backends.responses.errors import stream_error, truncated
-from venna.backends.responses.requests import upstream_model
+from venna.backends.responses.requests import tool_choice_json, tool_json, upstream_model
+from venna.backends.responses.streams import whole_body
 from venna.responses.v1 import response_pb2
 
 CHAT_PATH = "/chat/completions"
@@ -85,9 +85,14 @@ def chat_request(request: base.GenerationRequest, *, prefix: str) -> dict[str, A
         "stream_options": {"include_usage": True},
     }
     if settings.tools:
-        body["tools"] = [_tool(tool.function) for tool in settings.tools if tool.HasField("function")]
+        # Function tools only (validate refused the others), in the nested shape; a function
+        # without parameters gets an empty object schema, which some chat servers require.
+        tools = [tool_json(tool, nested=True) for tool in settings.tools if tool.HasField("function")]
+        body["tools"] = [tool for tool in tools if tool is not None]
+        for tool in body["tools"]:
+            tool["function"].setdefault("parameters", {"type": "object", "properties": {}})
     if settings.tool_choice is not None:
-        choice = _tool_choice(settings.tool_choice)
+        choice = tool_choice_json(settings.tool_choice, nested=True)
         if choice is not None:
             body["tool_choice"] = choice
     for name, value in (
@@ -162,35 +167,6 @@ def _content(parts: Any) -> str | list[dict[str, Any]]:
     return translated
 
 
-def _tool(function: response_pb2.FunctionTool) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": function.name}
-    if function.HasField("description"):
-        spec["description"] = function.description
-    spec["parameters"] = (
-        json_format.MessageToDict(function.parameters)
-        if function.HasField("parameters")
-        else {"type": "object", "properties": {}}
-    )
-    if function.HasField("strict"):
-        spec["strict"] = function.strict
-    return {"type": "function", "function": spec}
-
-
-def _tool_choice(choice: response_pb2.ToolChoice) -> str | dict[str, Any] | None:
-    kind = choice.WhichOneof("choice")
-    if kind == "mode":
-        return {
-            response_pb2.TOOL_CHOICE_MODE_NONE: "none",
-            response_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
-            response_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
-        }.get(choice.mode)
-    if kind == "function":
-        return {"type": "function", "function": {"name": choice.function.name}}
-    if kind == "allowed_tools":
-        return "required" if choice.allowed_tools.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED else "auto"
-    return None
-
-
 def _response_format(text_format: response_pb2.TextFormat | None) -> dict[str, Any] | None:
     if text_format is None:
         return None
@@ -210,14 +186,7 @@ def _response_format(text_format: response_pb2.TextFormat | None) -> dict[str, A
 
 async def whole_chat_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
     """A non-streamed chat completion as the chunks that would have streamed it."""
-    try:
-        data = json.loads(content)
-    except ValueError:
-        raise base.BackendError(
-            base.ErrorKind.UNAVAILABLE, "The upstream sent a response that is not JSON.", code="server_error"
-        ) from None
-    if not isinstance(data, dict):
-        raise truncated()
+    data = whole_body(content)
     for choice in data.get("choices") or []:
         if isinstance(choice, dict) and choice.get("index", 0) == 0:
             message = choice.get("message") or {}

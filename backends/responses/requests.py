@@ -28,10 +28,10 @@ def upstream_request(
     items += [translated for item in request.context if (translated := _item(item, nested)) is not None]
     body: dict[str, Any] = {"model": upstream_model(request.model, prefix), "input": items, "stream": True}
     if settings.tools:
-        tools = (_tool(tool, nested) for tool in settings.tools)
+        tools = (tool_json(tool, nested) for tool in settings.tools)
         body["tools"] = [tool for tool in tools if tool is not None]
     if settings.tool_choice is not None:
-        choice = _tool_choice(settings.tool_choice, nested)
+        choice = tool_choice_json(settings.tool_choice, nested)
         if choice is not None:
             body["tool_choice"] = choice
     for name, value in (
@@ -132,7 +132,10 @@ def _part(part: response_pb2.ContentPart) -> dict[str, Any] | None:
     return None
 
 
-def _tool(tool: response_pb2.Tool, nested: bool) -> dict[str, Any] | None:
+def tool_json(tool: response_pb2.Tool, nested: bool) -> dict[str, Any] | None:
+    """A tool as the upstream takes it: function tools nested (``{"type": "function",
+    "function": {...}}``, as Venice and chat completions take them) or flat (OpenAI's
+    Responses API); None for a tool the upstream has no shape for."""
     kind = tool.WhichOneof("tool")
     if kind == "function":
         function = tool.function
@@ -149,7 +152,8 @@ def _tool(tool: response_pb2.Tool, nested: bool) -> dict[str, Any] | None:
     return None
 
 
-def _tool_choice(choice: response_pb2.ToolChoice, nested: bool) -> str | dict[str, Any] | None:
+def tool_choice_json(choice: response_pb2.ToolChoice, nested: bool) -> str | dict[str, Any] | None:
+    """``tool_choice`` as the upstream takes it, nested or flat as ``tool_json``."""
     kind = choice.WhichOneof("choice")
     if kind == "mode":
         return {

@@ -4,7 +4,6 @@ parsed once; Venice's dialect (reasoning deltas, plain-string summaries, web sea
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
@@ -55,17 +54,24 @@ async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncGenerator[tuple[str, 
 _TERMINAL_STATUSES = {"completed", "incomplete", "failed"}
 
 
-async def whole_response_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
-    """A non-streamed Response body as the events that would have streamed it: each output item
-    done (its content included), then the terminal event."""
+def whole_body(content: bytes) -> dict[str, Any]:
+    """The JSON object of an unstreamed answer; UNAVAILABLE if it is not JSON, truncated if it
+    is not an object."""
     try:
-        data = json.loads(content)
+        data = orjson.loads(content)
     except ValueError:
         raise base.BackendError(
             base.ErrorKind.UNAVAILABLE, "The upstream sent a response that is not JSON.", code="server_error"
         ) from None
     if not isinstance(data, dict):
         raise truncated()
+    return data
+
+
+async def whole_response_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+    """A non-streamed Response body as the events that would have streamed it: each output item
+    done (its content included), then the terminal event."""
+    data = whole_body(content)
     for item in data.get("output") or []:
         if isinstance(item, dict):
             yield "response.output_item.done", {"item": item}
