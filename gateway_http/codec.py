@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, TypeVar, cast
 
 from google.protobuf import json_format, struct_pb2
@@ -226,9 +227,13 @@ class Codec:
                 return lambda message: {
                     key: encode_item(item) for key, item in getattr(message, name).items()
                 }
+            if field.message_type is None and field.enum_type is None:
+                return lambda message: list(getattr(message, name))
             return lambda message: [encode_value(item) for item in getattr(message, name)]
         if field.has_presence:
             return lambda message: encode_value(getattr(message, name)) if message.HasField(name) else None
+        if field.message_type is None and field.enum_type is None:
+            return attrgetter(name)  # a plain scalar is its own JSON value: one call per event field
         return lambda message: encode_value(getattr(message, name))
 
     def _value_encoder(self, field: FieldDescriptor) -> Encoder:

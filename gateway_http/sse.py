@@ -16,6 +16,10 @@ from venna.gateway_http.errors import http_error
 
 log = logging.getLogger(__name__)
 
+# Frames framed but not yet written after which a stream stops pulling events: a slow client
+# holds back its own stream, not the memory of the process.
+MAX_PENDING_FRAMES = 256
+
 
 class EventStreams:
     """SSE replies of the shim: frames each event as it exists, keeps quiet connections alive,
@@ -48,59 +52,67 @@ class EventStreams:
         """Frames each event as soon as it exists; comments keep a quiet connection alive.
 
         The events are pulled by a task of their own, so that waiting with a time-out for the
-        next one never cancels the stream itself.
+        next one never cancels the stream itself. Frames wait in a list, not a queue: frames
+        that piled up while the last write went out leave in one write, and a burst of events
+        costs no queue operation each.
         """
         if first is None:
             return
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+        frames: list[bytes] = []
+        # Set when frames (or the end) await the writer; set when the writer took them.
+        ready = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        ended = False
         last_sequence_number = -1
 
+        def push(frame: bytes) -> None:
+            frames.append(frame)
+            ready.set()
+            if len(frames) >= MAX_PENDING_FRAMES:
+                room.clear()
+
         async def pull() -> None:
-            nonlocal last_sequence_number
+            nonlocal ended, last_sequence_number
             try:
                 last_sequence_number = first.sequence_number  # type: ignore[attr-defined]
-                await queue.put(self._frame(first))
-                # Let the first frame go out before framing the rest of a burst: putting into a
-                # queue with room never suspends, so a backend that produces everything at
-                # once would otherwise delay the client's first event until the last.
+                push(self._frame(first))
+                # Let the first frame go out before framing the rest of a burst: a backend that
+                # produces everything at once would otherwise delay the client's first event
+                # until the last.
                 await asyncio.sleep(0)
                 async for event in events:
                     last_sequence_number = event.sequence_number  # type: ignore[attr-defined]
-                    await queue.put(self._frame(event))
+                    push(self._frame(event))
+                    if not room.is_set():
+                        await room.wait()  # a slow client: stop pulling until it catches up
             except CallError as error:
-                await queue.put(self._error_frame(error, last_sequence_number + 1))
+                push(self._error_frame(error, last_sequence_number + 1))
             except Exception:
                 log.exception("event stream failed")
             finally:
                 await events.aclose()
-            # Not reached when cancelled: then the consumer is gone and nobody reads the queue.
-            await queue.put(None)
+            # Not reached when cancelled: then the consumer is gone and nobody reads the frames.
+            ended = True
+            ready.set()
 
         puller = asyncio.create_task(pull())
         try:
             while True:
-                if queue.empty():
+                if not ready.is_set():
                     try:
                         async with asyncio.timeout(self.keepalive_seconds):
-                            frame = await queue.get()
+                            await ready.wait()
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
-                else:
-                    frame = queue.get_nowait()
-                if frame is None:
-                    return
-                # Frames that piled up while the last write went out leave in one write.
-                ready: list[bytes] = [frame]
-                finished = False
-                while not queue.empty():
-                    more = queue.get_nowait()
-                    if more is None:
-                        finished = True
-                        break
-                    ready.append(more)
-                yield frame if len(ready) == 1 else b"".join(ready)
-                if finished:
+                ready.clear()
+                if frames:
+                    batch = frames[0] if len(frames) == 1 else b"".join(frames)
+                    frames.clear()
+                    room.set()
+                    yield batch
+                if ended and not frames:
                     return
         finally:
             # The client went away, or the stream ended: stop the work behind it either way.

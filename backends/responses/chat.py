@@ -16,7 +16,6 @@ response incomplete; usage comes from the chunk ``stream_options.include_usage``
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ from google.protobuf import json_format
 from venna.backends import base
 from venna.backends.responses.errors import stream_error, truncated
 from venna.backends.responses.requests import tool_choice_json, tool_json, upstream_model
-from venna.backends.responses.streams import whole_body
+from venna.backends.responses.streams import SseEvent, whole_body
 from venna.responses.v1 import response_pb2
 
 CHAT_PATH = "/chat/completions"
@@ -184,21 +183,21 @@ def _response_format(text_format: response_pb2.TextFormat | None) -> dict[str, A
     return None
 
 
-async def whole_chat_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+def whole_chat_events(content: bytes) -> list[SseEvent]:
     """A non-streamed chat completion as the chunks that would have streamed it."""
     data = whole_body(content)
+    events: list[SseEvent] = []
     for choice in data.get("choices") or []:
         if isinstance(choice, dict) and choice.get("index", 0) == 0:
             message = choice.get("message") or {}
             calls = [{**call, "index": index} for index, call in enumerate(message.get("tool_calls") or [])]
             delta = {**message, "tool_calls": calls} if calls else message
-            yield (
-                "",
-                {"choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]},
-            )
+            finish = choice.get("finish_reason")
+            events.append(("", {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
     if data.get("usage"):
-        yield "", {"choices": [], "usage": data["usage"]}
-    yield "[DONE]", None
+        events.append(("", {"choices": [], "usage": data["usage"]}))
+    events.append(("[DONE]", None))
+    return events
 
 
 @dataclass(slots=True)

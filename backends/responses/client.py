@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -44,7 +44,7 @@ from venna.backends.responses.chat import (
 )
 from venna.backends.responses.errors import retry_after_seconds, truncated, upstream_error
 from venna.backends.responses.requests import upstream_model, upstream_request
-from venna.backends.responses.streams import StreamTranslator, sse_events, whole_response_events
+from venna.backends.responses.streams import SseEvent, StreamTranslator, sse_batches, whole_response_events
 
 # Venice's Responses API, OpenAI's, or chat completions (backends/responses/chat.py).
 DIALECTS = ("venice", "openai", "chat")
@@ -156,20 +156,21 @@ class ResponsesUpstream:
         else:
             body = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
         response = await self._open(CHAT_PATH if chat else "/responses", body)
-        events: AsyncGenerator[tuple[str, dict[str, Any] | None], None]
         translator: StreamTranslator | ChatTranslator = ChatTranslator() if chat else StreamTranslator()
         try:
+            batches: AsyncIterator[list[SseEvent]]
             if response.headers.get("content-type", "").startswith("application/json"):
                 # An upstream that answered unstreamed.
                 content = await response.read()
-                events = whole_chat_events(content) if chat else whole_response_events(content)
+                batches = _one(whole_chat_events(content) if chat else whole_response_events(content))
             else:
-                events = sse_events(_body_chunks(response))
-            async for event_type, payload in events:
-                for event in translator.translate(event_type, payload):
-                    yield event
-                if translator.finished:
-                    return
+                batches = sse_batches(_body_chunks(response))
+            async for batch in batches:
+                for event_type, payload in batch:
+                    for event in translator.translate(event_type, payload):
+                        yield event
+                    if translator.finished:
+                        return
             if not translator.finished:
                 raise truncated()
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -290,6 +291,10 @@ class ResponsesUpstream:
             return retry_after
         delay: float = self._backoff_base * 2 ** (attempt - 1)
         return delay + random.uniform(0, delay)  # jitter on top of the exponential step
+
+
+async def _one(events: list[SseEvent]) -> AsyncGenerator[list[SseEvent], None]:
+    yield events
 
 
 async def _body_chunks(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:

@@ -13,42 +13,74 @@ from venna.backends import base
 from venna.backends.responses.errors import clipped, stream_error, truncated
 from venna.responses.v1 import response_pb2
 
+SseEvent = tuple[str, dict[str, Any] | None]
 
-async def lines_of(chunks: AsyncIterable[bytes]) -> AsyncGenerator[str, None]:
-    """The lines of a body read in chunks of any size (no limit on a line's length: one SSE
-    data line carries a whole response)."""
-    pending = b""
+
+class SseParser:
+    """An SSE body fed in chunks of any size, parsed into (event type, JSON payload) pairs;
+    ``[DONE]`` arrives as ("[DONE]", None).
+
+    Synchronous and per chunk: an upstream that sends a burst of events costs one call, not
+    one await per line. A line may be any length (one data line can carry a whole response);
+    a chunk without a line break is kept aside, not re-scanned with every chunk that follows.
+    """
+
+    __slots__ = ("_data", "_event_type", "_partial")
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+        self._event_type = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        if b"\n" not in chunk:
+            self._partial.append(chunk)
+            return []
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial = []
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            self._partial.append(rest)
+        events: list[SseEvent] = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            elif line.startswith(b"event:"):
+                self._event_type = line[6:].strip()
+            elif not line and self._data:
+                event = self._dispatch()
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _dispatch(self) -> SseEvent | None:
+        text = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        event_type, self._event_type = self._event_type, b""
+        if text.strip() == b"[DONE]":
+            return "[DONE]", None
+        try:
+            payload = orjson.loads(text)  # several times faster than json: once per event
+        except ValueError:
+            return None  # not ours to crash on: skip a malformed frame
+        if not isinstance(payload, dict):
+            return None
+        kind = payload.get("type")
+        return (str(kind) if kind else event_type.decode(errors="replace")), payload
+
+
+async def sse_batches(chunks: AsyncIterable[bytes]) -> AsyncGenerator[list[SseEvent], None]:
+    """The events of an SSE body, a list per chunk that completed any."""
+    parser = SseParser()
     async for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.rstrip(b"\r").decode(errors="replace")
-    if pending:
-        yield pending.rstrip(b"\r").decode(errors="replace")
-
-
-async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
-    """(event type, JSON payload) pairs of an SSE body; ``[DONE]`` arrives as ("[DONE]", None)."""
-    event_type = ""
-    data: list[str] = []
-    async for line in lines_of(chunks):
-        if line.startswith("event:"):
-            event_type = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif not line and data:
-            text = "\n".join(data)
-            data = []
-            if text.strip() == "[DONE]":
-                yield "[DONE]", None
-            else:
-                try:
-                    payload = orjson.loads(text)  # several times faster than json: once per event
-                except ValueError:
-                    continue  # not ours to crash on: skip a malformed frame
-                if isinstance(payload, dict):
-                    yield str(payload.get("type") or event_type), payload
-            event_type = ""
+        events = parser.feed(chunk)
+        if events:
+            yield events
 
 
 _TERMINAL_STATUSES = {"completed", "incomplete", "failed"}
@@ -68,15 +100,18 @@ def whole_body(content: bytes) -> dict[str, Any]:
     return data
 
 
-async def whole_response_events(content: bytes) -> AsyncGenerator[tuple[str, dict[str, Any] | None], None]:
+def whole_response_events(content: bytes) -> list[SseEvent]:
     """A non-streamed Response body as the events that would have streamed it: each output item
     done (its content included), then the terminal event."""
     data = whole_body(content)
-    for item in data.get("output") or []:
-        if isinstance(item, dict):
-            yield "response.output_item.done", {"item": item}
+    events: list[SseEvent] = [
+        ("response.output_item.done", {"item": item})
+        for item in data.get("output") or []
+        if isinstance(item, dict)
+    ]
     status = data.get("status") if data.get("status") in _TERMINAL_STATUSES else "completed"
-    yield f"response.{status}", {"response": data}
+    events.append((f"response.{status}", {"response": data}))
+    return events
 
 
 class StreamTranslator:
