@@ -1423,7 +1423,13 @@ class GrpcProbe:
         if not has_valid_key(case.auth):
             outcome.fail("unauthenticated", f"{case.auth} key answered OK")
         if streaming:
-            self._check_events(received, outcome, case.auth, failed_call=False)
+            # Resumed after a sequence number, which may be the last one.
+            resumed = (
+                case.method.endswith("/ResumeResponseStream")
+                and isinstance(case.message, service_pb2.ResumeResponseStreamRequest)
+                and case.message.HasField("starting_after")
+            )
+            self._check_events(received, outcome, case.auth, failed_call=False, resumed=resumed)
         elif case.method in CREATE_METHODS:
             response = response_pb2.Response.FromString(reply)
             if response.store:
@@ -1431,12 +1437,16 @@ class GrpcProbe:
         self.check_still_serving(outcome)
         return outcome
 
-    def _check_events(self, received: list[bytes], outcome: Outcome, auth: str, *, failed_call: bool) -> None:
+    def _check_events(
+        self, received: list[bytes], outcome: Outcome, auth: str, *, failed_call: bool, resumed: bool = False
+    ) -> None:
         try:
             events = [events_pb2.ResponseStreamEvent.FromString(data) for data in received]
         except DecodeError as error:
             outcome.fail("stream", f"undecodable event: {error}")
             return
+        if resumed and not events and not failed_call:
+            return  # resumed after its last event: nothing follows, and nothing is owed
         if failed_call:
             # A stream may end with a status instead of an event, but never after a terminal one.
             if any(event_type(event) in TERMINAL_EVENTS for event in events):
