@@ -39,6 +39,8 @@ class GenerationSettings:
     text_format: response_pb2.TextFormat | None = None
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # Settings of one vendor's API, passed on by the backends that speak it (``venice_parameters``).
     vendor: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     requested: frozenset[str] = frozenset()
@@ -262,6 +264,8 @@ OPTIONAL_SETTINGS = frozenset(
         "tool_choice",
         "top_logprobs",
         "max_tool_calls",
+        "presence_penalty",
+        "frequency_penalty",
         "venice_parameters",
     }
 )

@@ -160,6 +160,20 @@ def _forced_function(settings: GenerationSettings) -> str | None:
         return choice.function.name
     if kind == "mode" and choice.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED and functions:
         return functions[0]
+    if kind == "allowed_tools" and choice.allowed_tools.mode == response_pb2.TOOL_CHOICE_MODE_REQUIRED:
+        # The model must call one of the allowed tools: the first allowed function it was given.
+        allowed = {
+            tool.function.name for tool in choice.allowed_tools.tools if tool.WhichOneof("tool") == "function"
+        }
+        callable_ = [name for name in functions if name in allowed]
+        if not callable_:
+            raise BackendError(
+                ErrorKind.INVALID_REQUEST,
+                "Invalid 'tool_choice': none of the allowed tools is a function among the tools.",
+                code="invalid_value",
+                param="tool_choice.tools",
+            )
+        return callable_[0]
     return None
 
 

@@ -338,7 +338,10 @@ class Codec:
                     f"Invalid value: '{_quote(str(tag))}'. Supported values are: {expected}.",
                     "invalid_value",
                 )
-            member_decoders[member.name](getattr(target, member.name), data, path)
+            chosen = getattr(target, member.name)
+            # Chosen even when it carries no field (`{"type": "web_search"}`): the type is the value.
+            chosen.SetInParent()
+            member_decoders[member.name](chosen, data, path)
 
         return decode
 

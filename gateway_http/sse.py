@@ -135,11 +135,15 @@ class EventStreams:
 
     def _error_frame(self, error: CallError, sequence_number: int) -> bytes:
         body = http_error(error).body
+        code = body["code"] or body["type"]
         data = {
             "type": "error",
-            "code": body["code"] or body["type"],
+            # OpenAI's shape: the error's fields at the top.
+            "code": code,
             "message": body["message"],
             "param": body["param"],
             "sequence_number": sequence_number,
+            # Open Responses' shape: the same error as an object.
+            "error": {"type": body["type"], "code": code, "message": body["message"], "param": body["param"]},
         }
         return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"

@@ -399,7 +399,11 @@ _RESPONSE_DEFAULTS = response_pb2.Response(
     truncation=response_pb2.TRUNCATION_DISABLED,
     service_tier=response_pb2.SERVICE_TIER_AUTO,
     tool_choice=response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_AUTO),
-    text=response_pb2.TextConfig(format=response_pb2.TextFormat(text=response_pb2.TextFormatText())),
+    text=response_pb2.TextConfig(
+        format=response_pb2.TextFormat(text=response_pb2.TextFormatText()),
+        verbosity=response_pb2.VERBOSITY_MEDIUM,
+    ),
+    top_logprobs=0,
 )
 _RESPONSE_FIELDS = response_pb2.Response.DESCRIPTOR.fields_by_name
 # The request's settings that the response reports (both messages name them alike), by how they
@@ -441,4 +445,16 @@ def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb
         response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
     if not response.text.format.WhichOneof("format"):
         response.text.format.text.SetInParent()
+    if not response.text.HasField("verbosity"):
+        response.text.verbosity = response_pb2.VERBOSITY_MEDIUM
+    for tool in response.tools:
+        # Reported as OpenAI reports it: with its default, never null (the schema allows no null).
+        kind = tool.WhichOneof("tool")
+        if kind in ("web_search", "web_search_preview"):
+            search = getattr(tool, kind)
+            if not search.HasField("search_context_size"):
+                search.search_context_size = response_pb2.SEARCH_CONTEXT_SIZE_MEDIUM
+    json_schema = response.text.format.json_schema
+    if response.text.format.HasField("json_schema") and not json_schema.HasField("strict"):
+        json_schema.strict = False  # OpenAI's default, reported as a boolean as Open Responses requires
     return response

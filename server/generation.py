@@ -51,6 +51,8 @@ def generation_settings(request: service_pb2.CreateResponseRequest) -> base.Gene
         ),
         top_logprobs=request.top_logprobs if request.HasField("top_logprobs") else None,
         max_tool_calls=request.max_tool_calls if request.HasField("max_tool_calls") else None,
+        presence_penalty=request.presence_penalty if request.HasField("presence_penalty") else None,
+        frequency_penalty=request.frequency_penalty if request.HasField("frequency_penalty") else None,
         vendor=(
             {"venice_parameters": _plain(request.venice_parameters)}
             if request.HasField("venice_parameters")

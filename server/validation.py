@@ -148,6 +148,9 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
         )
     if request.HasField("top_logprobs") and not 0 <= request.top_logprobs <= 20:
         add(Violation("top_logprobs", "Invalid 'top_logprobs': expected 0 to 20."))
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if request.HasField(penalty) and not -2.0 <= getattr(request, penalty) <= 2.0:
+            add(Violation(penalty, f"Invalid '{penalty}': expected a number from -2 to 2."))
     if request.HasField("max_tool_calls") and request.max_tool_calls < 1:
         add(Violation("max_tool_calls", "Invalid 'max_tool_calls': expected at least 1."))
     if request.HasField("safety_identifier") and len(request.safety_identifier) > 64:

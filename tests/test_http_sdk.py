@@ -25,7 +25,7 @@ from openai.types.responses import (
 )
 
 from tests.http_harness import TRANSPORTS, HttpVenna
-from tests.openai_schema import validate, validate_event
+from tests.openai_schema import validate, validate_response, validate_stream_event
 from tests.streams import MESSAGE_EVENTS
 
 WEATHER_TOOL: FunctionToolParam = {
@@ -83,7 +83,7 @@ class Checks:
             elif request.method == "DELETE":
                 assert data == {"id": path.rsplit("/", 1)[-1], "object": "response", "deleted": True}
             elif path.startswith("/v1/responses"):
-                validate(data, "Response")
+                validate_response(data)
             else:
                 raise AssertionError("no schema for this route")
         except Exception as error:
@@ -102,7 +102,7 @@ class Checks:
             assert name is not None and data is not None, f"event {name!r} without data, or data alone"
             payload = json.loads(data)
             assert payload["type"] == name, f"'event: {name}' carries type {payload['type']}"
-            validate_event(payload)
+            validate_stream_event(payload)
             sequence_number = payload["sequence_number"]
             assert isinstance(sequence_number, int)
             if previous is not None:

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.openai_schema import FIXTURE, event_schemas, validate, validate_event
+from tests.openai_schema import (
+    FIXTURE,
+    event_schemas,
+    open_responses_event_schemas,
+    validate,
+    validate_event,
+    validate_response,
+    validate_stream_event,
+)
 
 RESPONSE_REQUIRED = (
     "id",
@@ -239,3 +247,24 @@ def test_fixture_is_self_contained_valid_json_schema() -> None:
     assert refs
     dangling = {ref for ref in refs if ref.removeprefix("#/schemas/") not in schemas}
     assert not dangling, dangling
+
+
+def test_open_responses_check_is_real() -> None:
+    """The Open Responses half of the combined check fails where only that document is strict: a
+    response valid under OpenAI's schema but without the penalties it requires."""
+    response = minimal_response()
+    validate(response, "Response")
+    with pytest.raises(AssertionError, match="not a valid Open Responses ResponseResource"):
+        validate_response(response)
+
+
+def test_open_responses_events_are_mapped_by_type() -> None:
+    assert (
+        open_responses_event_schemas()["response.output_text.delta"]
+        == "ResponseOutputTextDeltaStreamingEvent"
+    )
+    assert open_responses_event_schemas()["error"] == "ErrorStreamingEvent"
+    with pytest.raises(AssertionError, match="ErrorStreamingEvent"):
+        validate_stream_event(
+            {"type": "error", "code": "x", "message": "m", "param": None, "sequence_number": 1}
+        )

@@ -30,7 +30,18 @@ from venna.responses.v1 import response_pb2
 CHAT_PATH = "/chat/completions"
 # The optional settings a chat-completions upstream honours by default.
 CHAT_ACCEPTS = frozenset(
-    {"temperature", "top_p", "max_output_tokens", "stop", "seed", "reasoning", "tools", "tool_choice"}
+    {
+        "temperature",
+        "top_p",
+        "max_output_tokens",
+        "stop",
+        "seed",
+        "reasoning",
+        "tools",
+        "tool_choice",
+        "presence_penalty",
+        "frequency_penalty",
+    }
 )
 
 _ROLES = {
@@ -100,6 +111,8 @@ def chat_request(request: base.GenerationRequest, *, prefix: str) -> dict[str, A
         ("max_tokens", settings.max_output_tokens),
         ("seed", settings.seed),
         ("reasoning_effort", settings.reasoning_effort),
+        ("presence_penalty", settings.presence_penalty),
+        ("frequency_penalty", settings.frequency_penalty),
     ):
         if value is not None:
             body[name] = value

@@ -50,10 +50,22 @@ from venna.backends.responses.streams import SseEvent, StreamTranslator, sse_bat
 DIALECTS = ("venice", "openai", "chat")
 # What each dialect's upstream honours by default.
 DEFAULT_ACCEPTS = {
-    # Venice takes every optional setting but logprobs (its parts have none) and max_tool_calls.
-    "venice": base.OPTIONAL_SETTINGS - {"top_logprobs", "max_tool_calls"},
+    # Venice takes every optional setting but logprobs (its parts have none), max_tool_calls and
+    # the penalties (its Responses API has none).
+    "venice": base.OPTIONAL_SETTINGS
+    - {"top_logprobs", "max_tool_calls", "presence_penalty", "frequency_penalty"},
     "openai": frozenset(
-        {"temperature", "top_p", "max_output_tokens", "prompt_cache_key", "reasoning", "tools", "tool_choice"}
+        {
+            "temperature",
+            "top_p",
+            "max_output_tokens",
+            "prompt_cache_key",
+            "reasoning",
+            "tools",
+            "tool_choice",
+            "presence_penalty",
+            "frequency_penalty",
+        }
     ),
     "chat": CHAT_ACCEPTS,
 }

@@ -40,6 +40,8 @@ def upstream_request(
         ("max_output_tokens", settings.max_output_tokens),
         ("prompt_cache_key", settings.prompt_cache_key),
         ("seed", settings.seed),
+        ("presence_penalty", settings.presence_penalty),
+        ("frequency_penalty", settings.frequency_penalty),
     ):
         if value is not None:
             body[name] = value

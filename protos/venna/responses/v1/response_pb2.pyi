@@ -377,6 +377,8 @@ class Response(_message.Message):
     MAX_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """Always "response"."""
@@ -401,7 +403,11 @@ class Response(_message.Message):
     prompt_cache_key: _builtins.str
     max_tool_calls: _builtins.int
     top_logprobs: _builtins.int
+    """0 when the request set none."""
     system_fingerprint: _builtins.str
+    presence_penalty: _builtins.float
+    """-2 to 2; 0 when the request set none."""
+    frequency_penalty: _builtins.float
     @_builtins.property
     def error(self) -> Global___ResponseError: ...
     @_builtins.property
@@ -410,7 +416,7 @@ class Response(_message.Message):
     def output(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Absent until the response has finished."""
+        """Null until the response has finished (as OpenAI sends it and Open Responses requires)."""
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -456,10 +462,12 @@ class Response(_message.Message):
         max_tool_calls: _builtins.int | None = ...,
         top_logprobs: _builtins.int | None = ...,
         system_fingerprint: _builtins.str | None = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_error", b"_error", "_incomplete_details", b"_incomplete_details", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_service_tier", b"_service_tier", "_system_fingerprint", b"_system_fingerprint", "_temperature", b"_temperature", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_usage", b"_usage", "_user", b"_user", "completed_at", b"completed_at", "error", b"error", "incomplete_details", b"incomplete_details", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "service_tier", b"service_tier", "system_fingerprint", b"system_fingerprint", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_error", b"_error", "_incomplete_details", b"_incomplete_details", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_service_tier", b"_service_tier", "_system_fingerprint", b"_system_fingerprint", "_temperature", b"_temperature", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_usage", b"_usage", "_user", b"_user", "background", b"background", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "id", b"id", "incomplete_details", b"incomplete_details", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "object", b"object", "output", b"output", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "service_tier", b"service_tier", "status", b"status", "store", b"store", "system_fingerprint", b"system_fingerprint", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "usage", b"usage", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at", "_error", b"_error", "_incomplete_details", b"_incomplete_details", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_service_tier", b"_service_tier", "_system_fingerprint", b"_system_fingerprint", "_temperature", b"_temperature", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_usage", b"_usage", "_user", b"_user", "background", b"background", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "frequency_penalty", b"frequency_penalty", "id", b"id", "incomplete_details", b"incomplete_details", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "object", b"object", "output", b"output", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "service_tier", b"service_tier", "status", b"status", "store", b"store", "system_fingerprint", b"system_fingerprint", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__completed_at: _TypeAlias = _typing.Literal["completed_at"]  # noqa: Y015
     _WhichOneofArgType__completed_at: _TypeAlias = _typing.Literal["_completed_at", b"_completed_at"]  # noqa: Y015
@@ -799,6 +807,7 @@ class TextFormatJsonSchema(_message.Message):
     STRICT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
+    """Null when unset, as Open Responses requires (OpenAI's published schema would have it absent)."""
     strict: _builtins.bool
     @_builtins.property
     def schema(self) -> _struct_pb2.Struct: ...
@@ -910,7 +919,10 @@ class WebSearchTool(_message.Message):
     SEARCH_CONTEXT_SIZE_FIELD_NUMBER: _builtins.int
     USER_LOCATION_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
+    EXTERNAL_WEB_ACCESS_FIELD_NUMBER: _builtins.int
     search_context_size: Global___SearchContextSize.ValueType
+    external_web_access: _builtins.bool
+    """Whether the search may fetch live pages (true) or only cached results; passed on as given."""
     @_builtins.property
     def user_location(self) -> Global___WebSearchUserLocation: ...
     @_builtins.property
@@ -921,17 +933,22 @@ class WebSearchTool(_message.Message):
         search_context_size: Global___SearchContextSize.ValueType | None = ...,
         user_location: Global___WebSearchUserLocation | None = ...,
         filters: Global___WebSearchFilters | None = ...,
+        external_web_access: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_filters", b"_filters", "_search_context_size", b"_search_context_size", "_user_location", b"_user_location", "filters", b"filters", "search_context_size", b"search_context_size", "user_location", b"user_location"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_external_web_access", b"_external_web_access", "_filters", b"_filters", "_search_context_size", b"_search_context_size", "_user_location", b"_user_location", "external_web_access", b"external_web_access", "filters", b"filters", "search_context_size", b"search_context_size", "user_location", b"user_location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filters", b"_filters", "_search_context_size", b"_search_context_size", "_user_location", b"_user_location", "filters", b"filters", "search_context_size", b"search_context_size", "user_location", b"user_location"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_external_web_access", b"_external_web_access", "_filters", b"_filters", "_search_context_size", b"_search_context_size", "_user_location", b"_user_location", "external_web_access", b"external_web_access", "filters", b"filters", "search_context_size", b"search_context_size", "user_location", b"user_location"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__external_web_access: _TypeAlias = _typing.Literal["external_web_access"]  # noqa: Y015
+    _WhichOneofArgType__external_web_access: _TypeAlias = _typing.Literal["_external_web_access", b"_external_web_access"]  # noqa: Y015
     _WhichOneofReturnType__filters: _TypeAlias = _typing.Literal["filters"]  # noqa: Y015
     _WhichOneofArgType__filters: _TypeAlias = _typing.Literal["_filters", b"_filters"]  # noqa: Y015
     _WhichOneofReturnType__search_context_size: _TypeAlias = _typing.Literal["search_context_size"]  # noqa: Y015
     _WhichOneofArgType__search_context_size: _TypeAlias = _typing.Literal["_search_context_size", b"_search_context_size"]  # noqa: Y015
     _WhichOneofReturnType__user_location: _TypeAlias = _typing.Literal["user_location"]  # noqa: Y015
     _WhichOneofArgType__user_location: _TypeAlias = _typing.Literal["_user_location", b"_user_location"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__external_web_access) -> _WhichOneofReturnType__external_web_access | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__filters) -> _WhichOneofReturnType__filters | None: ...
     @_typing.overload
@@ -1109,12 +1126,12 @@ class ToolChoiceAllowedTools(_message.Message):
     mode: Global___ToolChoiceMode.ValueType
     """"auto" or "required"."""
     @_builtins.property
-    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]: ...
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllowedTool]: ...
     def __init__(
         self,
         *,
         mode: Global___ToolChoiceMode.ValueType = ...,
-        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tools: _abc.Iterable[Global___AllowedTool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1123,6 +1140,40 @@ class ToolChoiceAllowedTools(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolChoiceAllowedTools: _TypeAlias = ToolChoiceAllowedTools  # noqa: Y015
+
+@_typing.final
+class AllowedTool(_message.Message):
+    """A tool an allowed_tools choice names: a function by its name, a built-in tool by its type.
+    (Field numbers match Tool's, so a stored choice reads the same.)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_PREVIEW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def function(self) -> Global___ToolChoiceFunction: ...
+    @_builtins.property
+    def web_search(self) -> Global___WebSearchTool: ...
+    @_builtins.property
+    def web_search_preview(self) -> Global___WebSearchPreviewTool: ...
+    def __init__(
+        self,
+        *,
+        function: Global___ToolChoiceFunction | None = ...,
+        web_search: Global___WebSearchTool | None = ...,
+        web_search_preview: Global___WebSearchPreviewTool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "tool", b"tool", "web_search", b"web_search", "web_search_preview", b"web_search_preview"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "tool", b"tool", "web_search", b"web_search", "web_search_preview", b"web_search_preview"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_tool: _TypeAlias = _typing.Literal["function", "web_search", "web_search_preview"]  # noqa: Y015
+    _WhichOneofArgType_tool: _TypeAlias = _typing.Literal["tool", b"tool"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_tool) -> _WhichOneofReturnType_tool | None: ...
+
+Global___AllowedTool: _TypeAlias = AllowedTool  # noqa: Y015
 
 @_typing.final
 class ToolChoiceHosted(_message.Message):
@@ -1646,6 +1697,7 @@ class ReasoningItem(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     encrypted_content: _builtins.str
+    """Omitted when absent: Open Responses allows a string only."""
     status: Global___ItemStatus.ValueType
     @_builtins.property
     def summary(self) -> _containers.RepeatedCompositeFieldContainer[Global___SummaryText]: ...
