@@ -245,6 +245,17 @@ class ModelCatalog(Protocol):
         ...
 
 
+@runtime_checkable
+class InputTokenCounter(Protocol):
+    """A backend that can count the input tokens of a request without generating (a local
+    tokenizer, an upstream's own counting endpoint); without one, Venna estimates."""
+
+    async def count_input_tokens(self, request: GenerationRequest) -> int | None:
+        """The model's count of the request's input; None when it cannot be told this time
+        (then the count is estimated). Raises BackendError for a request the model refuses."""
+        ...
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation settings a backend may or may not honour. A request that sets one its backend does
 # not accept is refused, never silently ignored: a caller relying on ``seed`` must learn that the

@@ -70,6 +70,10 @@ class EchoBackend:
         refuse_unaccepted(request, ACCEPTED_SETTINGS)
         _plan(request)
 
+    async def count_input_tokens(self, request: GenerationRequest) -> int | None:
+        """Exact: the count the usage of a response to the same request reports."""
+        return _input_tokens(request)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[BackendEvent, None]:
         plan = _plan(request)
         settings = request.settings

@@ -152,8 +152,11 @@ class ResponsesHttpApp:
     ) -> tuple[MethodDescriptor, Message]:
         """The RPC a JSON body asks for, and its request message."""
         fields = parse_json_object(body)
-        stream = fields.pop("stream", None) or False
-        fields.pop("stream_options", None)  # obfuscation padding is not sent, so nothing to switch off
+        stream = False
+        if binding.streaming is not None:
+            # Only where a route can stream; elsewhere `stream` is as unknown as any other key.
+            stream = fields.pop("stream", None) or False
+            fields.pop("stream_options", None)  # obfuscation padding is not sent: nothing to switch off
         for name in UNSUPPORTED_PARAMETERS.intersection(fields):
             if fields.pop(name) is not None:
                 raise BadRequest(

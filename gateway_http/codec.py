@@ -48,6 +48,7 @@ class CodecError(ValueError):
 # A JSON string where the API also takes a list: what that string stands for.
 _STRING_SHORTHANDS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "venna.responses.v1.CreateResponseRequest.input": lambda text: [{"role": "user", "content": text}],
+    "venna.responses.v1.CountInputTokensRequest.input": lambda text: [{"role": "user", "content": text}],
     "venna.responses.v1.Message.content": lambda text: [{"type": "input_text", "text": text}],
 }
 

@@ -19,6 +19,7 @@ import grpc
 
 from venna.backends import base
 from venna.backends.store import ChainTooDeep, ResponseStore, UnreadableRecord
+from venna.backends.token_estimate import estimate_input_tokens
 from venna.responses.v1 import response_pb2, service_pb2
 from venna.server import auth, errors
 from venna.server.builder import ENCRYPTED_REASONING, UNFINISHED, Event, ResponseBuilder
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CHAIN_DEPTH = 10_000
 # At most this many background responses of one workspace queued or running in this process.
 DEFAULT_MAX_BACKGROUND_PER_WORKSPACE = 1_000
+# The model name a token count without a model is checked under (it is estimated, never routed).
+_NO_MODEL = "-"
 _ITEM_ID_PREFIXES = {
     "message": "msg",
     "function_call": "fc",
@@ -97,13 +100,7 @@ class Creation:
         workspace_id = auth.workspace_id()
         validate_create(request)
         route = self._router.resolve(request.model)
-        history: list[response_pb2.Item] = []
-        if request.HasField("previous_response_id"):
-            history = await self._history(workspace_id, request.previous_response_id)
-        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
-        if references:
-            await self._resolve_references(workspace_id, request, references)
-        input_items = _normalize_input(request)
+        history, input_items = await self._context(workspace_id, request)
         generation = generation_request(request, model=route.model, context=[*history, *input_items])
         try:
             route.backend.validate(generation)
@@ -114,6 +111,60 @@ class Creation:
             response, expose_encrypted=ENCRYPTED_REASONING in request.include, quiet=quiet
         )
         return Run(workspace_id, builder, route.backend, generation, request, input_items)
+
+    async def _context(
+        self, workspace_id: str, request: service_pb2.CreateResponseRequest
+    ) -> tuple[list[response_pb2.Item], list[response_pb2.Item]]:
+        """The history a request continues and its own input items, item references resolved."""
+        history: list[response_pb2.Item] = []
+        if request.HasField("previous_response_id"):
+            history = await self._history(workspace_id, request.previous_response_id)
+        references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
+        if references:
+            await self._resolve_references(workspace_id, request, references)
+        return history, _normalize_input(request)
+
+    async def count_input_tokens(
+        self, request: service_pb2.CountInputTokensRequest
+    ) -> service_pb2.CountInputTokensResponse:
+        """The input tokens a create request with these fields would send: the model's own
+        count where its backend can tell, else an estimate (said so). Nothing is generated or
+        stored; the request is checked as a create would be."""
+        workspace_id = auth.workspace_id()
+        create = service_pb2.CreateResponseRequest()
+        for field, value in request.ListFields():
+            target = getattr(create, field.name)
+            if field.is_repeated:
+                target.extend(value)
+            elif field.message_type is not None:
+                target.CopyFrom(value)
+            else:
+                setattr(create, field.name, value)
+        counted = request.HasField("model")
+        if not counted:
+            create.model = _NO_MODEL  # checked like any create, then estimated
+        validate_create(create)
+        history, input_items = await self._context(workspace_id, create)
+        context = [*history, *input_items]
+        tokens: int | None = None
+        if counted:
+            route = self._router.resolve(create.model)
+            generation = generation_request(create, model=route.model, context=context)
+            try:
+                route.backend.validate(generation)
+                if isinstance(route.backend, base.InputTokenCounter):
+                    tokens = await route.backend.count_input_tokens(generation)
+            except base.BackendError as error:
+                raise errors.from_backend(error) from None
+        else:
+            generation = generation_request(create, model="", context=context)
+        answer = service_pb2.CountInputTokensResponse(object="response.input_tokens")
+        if tokens is None:
+            answer.input_tokens = estimate_input_tokens(generation)
+            answer.estimated = True
+        else:
+            answer.input_tokens = tokens
+        return answer
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         try:

@@ -87,6 +87,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             async for event in events:
                 yield event
 
+    async def CountInputTokens(
+        self, request: service_pb2.CountInputTokensRequest, context: auth.Context
+    ) -> service_pb2.CountInputTokensResponse:
+        return await self.creation.count_input_tokens(request)
+
     async def GetResponse(
         self, request: service_pb2.GetResponseRequest, context: auth.Context
     ) -> response_pb2.Response:

@@ -39,6 +39,8 @@ RESPONSES_PATH = "/api/v1/responses"
 MODELS_PATH = "/api/v1/models"
 # The same server speaking chat completions (dialect "chat"), as Ollama and vLLM do.
 CHAT_PATH = "/api/v1/chat/completions"
+# OpenAI's token counting; answered only while ``FakeVenice.input_tokens`` is set, else 404.
+INPUT_TOKENS_PATH = "/api/v1/responses/input_tokens"
 DEFAULT_MODEL = "zai-org-glm-5-1"
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +433,8 @@ class FakeVenice(LoopThread):
         self.requests: list[Recorded] = []
         # The body of GET /models; None: 404, as from an upstream without a model list.
         self.models: dict[str, Any] | None = None
+        # The count POST /responses/input_tokens answers; None: 404, as from an upstream without it.
+        self.input_tokens: int | None = None
         self._scenarios: collections.deque[Scenario] = collections.deque()
         self._lock = threading.Lock()
         super().__init__()
@@ -456,6 +460,7 @@ class FakeVenice(LoopThread):
             self._scenarios.clear()
             self.requests = []
             self.models = None
+            self.input_tokens = None
 
     @property
     def open_requests(self) -> list[Recorded]:
@@ -522,6 +527,14 @@ class _Endpoint:
         record.scenario = scenario
         if scenario is None and record.method == "GET" and record.path == MODELS_PATH and self._fake.models:
             scenario = ErrorReply(200, self._fake.models)
+        counted = self._fake.input_tokens
+        if (
+            scenario is None
+            and record.method == "POST"
+            and record.path == INPUT_TOKENS_PATH
+            and counted is not None
+        ):
+            scenario = ErrorReply(200, {"object": "response.input_tokens", "input_tokens": counted})
         if scenario is None:
             if record.method == "POST" and record.path in (RESPONSES_PATH, CHAT_PATH):
                 scenario = ErrorReply(500, {"error": "fake Venice: no scenario queued"})
@@ -634,6 +647,7 @@ async def closes_within(fake: FakeVenice, index: int, timeout: float) -> Recorde
 __all__ = [
     "CHAT_PATH",
     "DEFAULT_MODEL",
+    "INPUT_TOKENS_PATH",
     "MODELS_PATH",
     "RESPONSES_PATH",
     "USAGE",

@@ -70,6 +70,10 @@ DEFAULT_ACCEPTS = {
     "chat": CHAT_ACCEPTS,
 }
 _RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+# Statuses by which an upstream says it has no such endpoint (an optional one: token counting).
+_NOT_OFFERED = frozenset({404, 405, 501})
+# What OpenAI's token counting takes of a request (its TokenCountsBody), as the upstream gets it.
+_COUNTED_FIELDS = frozenset({"model", "input", "instructions", "tools", "tool_choice", "text", "reasoning"})
 # A Retry-After longer than this is handed to the caller rather than waited out.
 _MAX_RETRY_WAIT = 10.0
 # How long a finished stream may take to send its closing [DONE] before the connection is dropped.
@@ -207,6 +211,27 @@ class ResponsesUpstream:
                 # upstream at once, and it stops generating (and billing) for nobody.
                 response.close()
 
+    async def count_input_tokens(self, request: base.GenerationRequest) -> int | None:
+        """The upstream's own count (OpenAI's ``POST /responses/input_tokens``), on the
+        Responses dialect; None where the upstream has no such endpoint (then Venna estimates).
+        Venice's and chat-completions servers have none, so they are not asked."""
+        if self.dialect != "openai":
+            return None
+        whole = upstream_request(request, prefix=self.prefix, dialect=self.dialect)
+        body = {key: value for key, value in whole.items() if key in _COUNTED_FIELDS}
+        response = await self._post(
+            "/responses/input_tokens", body, accept="application/json", not_offered=_NOT_OFFERED
+        )
+        if response is None:
+            return None
+        try:
+            counted = (await response.json(content_type=None)).get("input_tokens")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return None
+        finally:
+            response.release()
+        return counted if isinstance(counted, int) and counted >= 0 else None
+
     async def list_models(self) -> list[base.ModelInfo]:
         """The upstream's ``GET /models`` under this prefix, cached for MODELS_CACHE_SECONDS; []
         when the upstream is not configured (no key) or does not answer (then asked again after
@@ -252,7 +277,21 @@ class ResponsesUpstream:
 
     async def _open(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """Starts the upstream stream, retrying what is safe to retry; raises mapped errors."""
-        headers = {"accept": "text/event-stream", "content-type": "application/json"}
+        response = await self._post(path, body, accept="text/event-stream")
+        assert response is not None  # no status is taken for "not offered" here
+        return response
+
+    async def _post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        accept: str,
+        not_offered: frozenset[int] = frozenset(),
+    ) -> aiohttp.ClientResponse | None:
+        """POSTs ``body``, retrying what is safe to retry; raises mapped errors. None for a status
+        in ``not_offered``: the upstream has no such endpoint."""
+        headers = {"accept": accept, "content-type": "application/json"}
         if self._api_key:
             headers["authorization"] = f"Bearer {self._api_key}"
         data = json.dumps(body).encode()
@@ -283,6 +322,9 @@ class ResponsesUpstream:
                 ) from None
             if 200 <= response.status < 300:
                 return response
+            if response.status in not_offered:
+                response.release()
+                return None
             try:
                 content = await response.read()
             except (aiohttp.ClientError, TimeoutError):

@@ -579,3 +579,119 @@ class ListInputItemsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__last_id) -> _WhichOneofReturnType__last_id | None: ...
 
 Global___ListInputItemsResponse: _TypeAlias = ListInputItemsResponse  # noqa: Y015
+
+@_typing.final
+class CountInputTokensRequest(_message.Message):
+    """The body of POST /v1/responses/input_tokens: the fields of a create request that make up
+    what the model reads. Field names match CreateResponseRequest's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    TRUNCATION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model whose tokens are counted; unset, the count is an estimate."""
+    instructions: _builtins.str
+    previous_response_id: _builtins.str
+    parallel_tool_calls: _builtins.bool
+    truncation: _response_pb2.Truncation.ValueType
+    @_builtins.property
+    def input(self) -> _containers.RepeatedCompositeFieldContainer[_response_pb2.Item]:
+        """A JSON string stands for one user message with that text."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_response_pb2.Tool]: ...
+    @_builtins.property
+    def tool_choice(self) -> _response_pb2.ToolChoice: ...
+    @_builtins.property
+    def text(self) -> _response_pb2.TextConfig: ...
+    @_builtins.property
+    def reasoning(self) -> _response_pb2.Reasoning: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str | None = ...,
+        input: _abc.Iterable[_response_pb2.Item] | None = ...,
+        instructions: _builtins.str | None = ...,
+        previous_response_id: _builtins.str | None = ...,
+        tools: _abc.Iterable[_response_pb2.Tool] | None = ...,
+        tool_choice: _response_pb2.ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
+        text: _response_pb2.TextConfig | None = ...,
+        reasoning: _response_pb2.Reasoning | None = ...,
+        truncation: _response_pb2.Truncation.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "input", b"input", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "truncation", b"truncation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__instructions: _TypeAlias = _typing.Literal["instructions"]  # noqa: Y015
+    _WhichOneofArgType__instructions: _TypeAlias = _typing.Literal["_instructions", b"_instructions"]  # noqa: Y015
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofReturnType__previous_response_id: _TypeAlias = _typing.Literal["previous_response_id"]  # noqa: Y015
+    _WhichOneofArgType__previous_response_id: _TypeAlias = _typing.Literal["_previous_response_id", b"_previous_response_id"]  # noqa: Y015
+    _WhichOneofReturnType__reasoning: _TypeAlias = _typing.Literal["reasoning"]  # noqa: Y015
+    _WhichOneofArgType__reasoning: _TypeAlias = _typing.Literal["_reasoning", b"_reasoning"]  # noqa: Y015
+    _WhichOneofReturnType__text: _TypeAlias = _typing.Literal["text"]  # noqa: Y015
+    _WhichOneofArgType__text: _TypeAlias = _typing.Literal["_text", b"_text"]  # noqa: Y015
+    _WhichOneofReturnType__tool_choice: _TypeAlias = _typing.Literal["tool_choice"]  # noqa: Y015
+    _WhichOneofArgType__tool_choice: _TypeAlias = _typing.Literal["_tool_choice", b"_tool_choice"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__instructions) -> _WhichOneofReturnType__instructions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__previous_response_id) -> _WhichOneofReturnType__previous_response_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning) -> _WhichOneofReturnType__reasoning | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__text) -> _WhichOneofReturnType__text | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tool_choice) -> _WhichOneofReturnType__tool_choice | None: ...
+
+Global___CountInputTokensRequest: _TypeAlias = CountInputTokensRequest  # noqa: Y015
+
+@_typing.final
+class CountInputTokensResponse(_message.Message):
+    """The input token count of a would-be request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    object: _builtins.str
+    """Always "response.input_tokens"."""
+    input_tokens: _builtins.int
+    estimated: _builtins.bool
+    """True when the count is an estimate (the model's backend cannot count); absent otherwise."""
+    def __init__(
+        self,
+        *,
+        object: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        estimated: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated", b"_estimated", "estimated", b"estimated"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated", b"_estimated", "estimated", b"estimated", "input_tokens", b"input_tokens", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__estimated: _TypeAlias = _typing.Literal["estimated"]  # noqa: Y015
+    _WhichOneofArgType__estimated: _TypeAlias = _typing.Literal["_estimated", b"_estimated"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__estimated) -> _WhichOneofReturnType__estimated | None: ...
+
+Global___CountInputTokensResponse: _TypeAlias = CountInputTokensResponse  # noqa: Y015

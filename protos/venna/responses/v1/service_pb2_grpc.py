@@ -82,6 +82,11 @@ class ResponsesServiceStub:
                 request_serializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.SerializeToString,
                 response_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.FromString,
                 _registered_method=True)
+        self.CountInputTokens = channel.unary_unary(
+                '/venna.responses.v1.ResponsesService/CountInputTokens',
+                request_serializer=venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensRequest.SerializeToString,
+                response_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensResponse.FromString,
+                _registered_method=True)
 
 
 class ResponsesServiceServicer:
@@ -150,6 +155,14 @@ class ResponsesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountInputTokens(self, request, context):
+        """Counts the input tokens a create request with these fields would send to its model,
+        generating and storing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResponsesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +200,11 @@ def add_ResponsesServiceServicer_to_server(servicer, server):
                     servicer.ListInputItems,
                     request_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.FromString,
                     response_serializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.SerializeToString,
+            ),
+            'CountInputTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountInputTokens,
+                    request_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensRequest.FromString,
+                    response_serializer=venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +407,33 @@ class ResponsesService:
             '/venna.responses.v1.ResponsesService/ListInputItems',
             venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.SerializeToString,
             venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountInputTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/venna.responses.v1.ResponsesService/CountInputTokens',
+            venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensRequest.SerializeToString,
+            venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,10 @@ class ResponsesServiceStub:
     """Cancels a background response. Cancelling a finished one returns it unchanged."""
     ListInputItems: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListInputItemsRequest, _service_pb2.ListInputItemsResponse]
     """Lists the input items of a stored response, newest first by default."""
+    CountInputTokens: _grpc.UnaryUnaryMultiCallable[_service_pb2.CountInputTokensRequest, _service_pb2.CountInputTokensResponse]
+    """Counts the input tokens a create request with these fields would send to its model,
+    generating and storing nothing.
+    """
 
 @_typing.type_check_only
 class ResponsesServiceAsyncStub(ResponsesServiceStub):
@@ -103,6 +107,10 @@ class ResponsesServiceAsyncStub(ResponsesServiceStub):
     """Cancels a background response. Cancelling a finished one returns it unchanged."""
     ListInputItems: _aio.UnaryUnaryMultiCallable[_service_pb2.ListInputItemsRequest, _service_pb2.ListInputItemsResponse]  # type: ignore[assignment]
     """Lists the input items of a stored response, newest first by default."""
+    CountInputTokens: _aio.UnaryUnaryMultiCallable[_service_pb2.CountInputTokensRequest, _service_pb2.CountInputTokensResponse]  # type: ignore[assignment]
+    """Counts the input tokens a create request with these fields would send to its model,
+    generating and storing nothing.
+    """
 
 class ResponsesServiceServicer(metaclass=_abc_1.ABCMeta):
     """The Responses API. Every call carries `authorization: Bearer vk_…`; every stored object
@@ -179,5 +187,15 @@ class ResponsesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.ListInputItemsResponse, _abc.Awaitable[_service_pb2.ListInputItemsResponse]]:
         """Lists the input items of a stored response, newest first by default."""
+
+    @_abc_1.abstractmethod
+    def CountInputTokens(
+        self,
+        request: _service_pb2.CountInputTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.CountInputTokensResponse, _abc.Awaitable[_service_pb2.CountInputTokensResponse]]:
+        """Counts the input tokens a create request with these fields would send to its model,
+        generating and storing nothing.
+        """
 
 def add_ResponsesServiceServicer_to_server(servicer: ResponsesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
