@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import Receive
 
 from venna.gateway_http.client import CallError, Metadata, ServiceClient, message_class
@@ -48,11 +48,14 @@ from venna.gateway_http.parsing import (
 )
 from venna.gateway_http.routes import Binding, bindings, pick
 from venna.gateway_http.sse import EventStreams
+from venna.gateway_http.websocket import ResponsesWebSocket
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_KEEPALIVE_SECONDS = 15.0
+# Where WebSocket mode is served: the path of POST /v1/responses, as OpenAI serves it.
+WEBSOCKET_PATH = "/v1/responses"
 
 
 class ResponsesHttpApp:
@@ -81,8 +84,13 @@ class ResponsesHttpApp:
         self._routes = [
             Route(binding.template, self._endpoint(binding), methods=[binding.verb]) for binding in bindings()
         ]
+        # WebSocket mode of the create route: its streaming RPC, one turn after another.
+        (create,) = [b for b in bindings() if b.verb == "POST" and b.template == WEBSOCKET_PATH]
+        assert create.streaming is not None
+        websocket = ResponsesWebSocket(self.client, self.codec, create.streaming)
         routes = [
             *self._routes,
+            WebSocketRoute(WEBSOCKET_PATH, websocket.serve),
             Route("/healthz", self._health, methods=["GET"]),
             Route("/v1/{rest:path}", self._unrouted, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]

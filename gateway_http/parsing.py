@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.types import Receive
 
 from venna.gateway_http.client import Metadata
@@ -128,7 +128,7 @@ async def disconnected(receive: Receive) -> None:
         pass
 
 
-def forwarded_metadata(request: Request) -> Metadata:
+def forwarded_metadata(request: HTTPConnection) -> Metadata:
     authorizations = request.headers.getlist("authorization")
     if len(authorizations) > 1:
         raise BadRequest(
