@@ -21,7 +21,7 @@ from venna.backends import base
 from venna.backends.store import ChainTooDeep, ResponseStore, UnreadableRecord
 from venna.backends.token_estimate import estimate_input_tokens
 from venna.responses.v1 import response_pb2, service_pb2
-from venna.server import auth, errors
+from venna.server import auth, compaction, errors
 from venna.server.builder import ENCRYPTED_REASONING, UNFINISHED, Event, ResponseBuilder
 from venna.server.execution import Execution
 from venna.server.generation import generation_request
@@ -44,6 +44,7 @@ _ITEM_ID_PREFIXES = {
     "function_call_output": "fco",
     "reasoning": "rs",
     "web_search_call": "ws",
+    "compaction": "cmp",
 }
 
 
@@ -165,6 +166,67 @@ class Creation:
         else:
             answer.input_tokens = tokens
         return answer
+
+    async def compact(
+        self, request: service_pb2.CompactResponseRequest
+    ) -> service_pb2.CompactResponseResponse:
+        """The conversation of ``request`` compacted by its model: its user messages, then one
+        compaction item summarizing all of it. Nothing is stored but the pass's usage record."""
+        workspace_id = auth.workspace_id()
+        create = service_pb2.CreateResponseRequest()
+        for field, value in request.ListFields():
+            target = getattr(create, field.name)
+            if field.is_repeated:
+                target.extend(value)
+            else:
+                setattr(create, field.name, value)
+        validate_create(create)
+        route = self._router.resolve(create.model)
+        history, input_items = await self._context(workspace_id, create)
+        context = [*history, *input_items]
+        generation = compaction.summarizing_request(
+            route.model,
+            context,
+            create.instructions if create.HasField("instructions") else None,
+            create.prompt_cache_key if create.HasField("prompt_cache_key") else None,
+        )
+        try:
+            route.backend.validate(generation)
+        except base.BackendError as error:
+            raise errors.from_backend(error) from None
+        response = _initial_response(service_pb2.CreateResponseRequest(model=create.model, store=False))
+        builder = ResponseBuilder(response, quiet=True)
+        execution = Execution(builder, route.backend, generation)
+        try:
+            await execution.run()
+        except base.BackendError as error:
+            raise errors.from_backend(error, response.id) from None
+        finally:
+            if builder.finished:
+                await self._store.record_usage(workspace_id, response)
+        if execution.error is not None:
+            raise errors.from_backend(execution.error, response.id)
+        if response.status != response_pb2.RESPONSE_STATUS_COMPLETED:
+            raise errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                "The model stopped before it finished the summary (its output was cut short); "
+                "nothing was compacted.",
+                reason="COMPACTION_INCOMPLETE",
+            )
+        summary = "".join(
+            part.output_text.text
+            for item in response.output
+            if item.HasField("message")
+            for part in item.message.content
+            if part.HasField("output_text")
+        )
+        return service_pb2.CompactResponseResponse(
+            id=response.id,
+            object="response.compaction",
+            output=[*compaction.kept_messages(context), compaction.compaction_item(summary)],
+            created_at=response.created_at,
+            usage=response.usage,
+        )
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         try:

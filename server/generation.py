@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 from venna.backends import base
 from venna.responses.v1 import response_pb2, service_pb2
+from venna.server.compaction import expand_compactions
 
 
 def generation_request(
@@ -19,7 +20,7 @@ def generation_request(
     """What ``model``'s backend receives for ``request``, its context already rebuilt."""
     return base.GenerationRequest(
         model=model,
-        context=context,
+        context=expand_compactions(list(context)),
         settings=generation_settings(request),
         instructions=request.instructions if request.HasField("instructions") else None,
     )

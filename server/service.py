@@ -87,6 +87,11 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             async for event in events:
                 yield event
 
+    async def CompactResponse(
+        self, request: service_pb2.CompactResponseRequest, context: auth.Context
+    ) -> service_pb2.CompactResponseResponse:
+        return await self.creation.compact(request)
+
     async def CountInputTokens(
         self, request: service_pb2.CountInputTokensRequest, context: auth.Context
     ) -> service_pb2.CountInputTokensResponse:

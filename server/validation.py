@@ -17,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from venna.responses.v1 import options_pb2, response_pb2, service_pb2
+from venna.server.compaction import decode_summary
 from venna.server.errors import ServiceError, quoted
 
 MAX_METADATA_PAIRS = 16
@@ -290,6 +291,15 @@ def _check_input(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
                 add(Violation(f"input[{index}].call_id", f"Missing 'input[{index}].call_id'.", MISSING))
         elif kind == "item_reference" and not item.item_reference.id:
             add(Violation(f"input[{index}].id", f"Missing 'input[{index}].id'.", MISSING))
+        elif kind == "compaction" and decode_summary(item.compaction.encrypted_content) is None:
+            where = f"input[{index}].encrypted_content"
+            add(
+                Violation(
+                    where,
+                    f"Invalid '{where}': not a compaction item made by this gateway "
+                    "(POST /v1/responses/compact); pass its encrypted_content back unchanged.",
+                )
+            )
 
 
 def _check_tools(request: service_pb2.CreateResponseRequest, add: _Add) -> None:

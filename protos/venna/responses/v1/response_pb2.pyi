@@ -1213,6 +1213,7 @@ class Item(_message.Message):
     REASONING_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_CALL_FIELD_NUMBER: _builtins.int
     ITEM_REFERENCE_FIELD_NUMBER: _builtins.int
+    COMPACTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> Global___Message: ...
     @_builtins.property
@@ -1225,6 +1226,8 @@ class Item(_message.Message):
     def web_search_call(self) -> Global___WebSearchCall: ...
     @_builtins.property
     def item_reference(self) -> Global___ItemReference: ...
+    @_builtins.property
+    def compaction(self) -> Global___Compaction: ...
     def __init__(
         self,
         *,
@@ -1234,16 +1237,49 @@ class Item(_message.Message):
         reasoning: Global___ReasoningItem | None = ...,
         web_search_call: Global___WebSearchCall | None = ...,
         item_reference: Global___ItemReference | None = ...,
+        compaction: Global___Compaction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["function_call", b"function_call", "function_call_output", b"function_call_output", "item", b"item", "item_reference", b"item_reference", "message", b"message", "reasoning", b"reasoning", "web_search_call", b"web_search_call"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "function_call", b"function_call", "function_call_output", b"function_call_output", "item", b"item", "item_reference", b"item_reference", "message", b"message", "reasoning", b"reasoning", "web_search_call", b"web_search_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_call", b"function_call", "function_call_output", b"function_call_output", "item", b"item", "item_reference", b"item_reference", "message", b"message", "reasoning", b"reasoning", "web_search_call", b"web_search_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "function_call", b"function_call", "function_call_output", b"function_call_output", "item", b"item", "item_reference", b"item_reference", "message", b"message", "reasoning", b"reasoning", "web_search_call", b"web_search_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["message", "function_call", "function_call_output", "reasoning", "web_search_call", "item_reference"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["message", "function_call", "function_call_output", "reasoning", "web_search_call", "item_reference", "compaction"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___Item: _TypeAlias = Item  # noqa: Y015
+
+@_typing.final
+class Compaction(_message.Message):
+    """What POST /v1/responses/compact made of a conversation: an opaque summary that later turns
+    use in place of what it replaced. Venna's encrypted_content is encoded, not encrypted: it
+    is meant to be passed back as it is, not read.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_CONTENT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    encrypted_content: _builtins.str
+    created_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        encrypted_content: _builtins.str = ...,
+        created_by: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_created_by", b"_created_by", "created_by", b"created_by"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_created_by", b"_created_by", "created_by", b"created_by", "encrypted_content", b"encrypted_content", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__created_by: _TypeAlias = _typing.Literal["created_by"]  # noqa: Y015
+    _WhichOneofArgType__created_by: _TypeAlias = _typing.Literal["_created_by", b"_created_by"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__created_by) -> _WhichOneofReturnType__created_by | None: ...
+
+Global___Compaction: _TypeAlias = Compaction  # noqa: Y015
 
 @_typing.final
 class Message(_message.Message):

@@ -695,3 +695,93 @@ class CountInputTokensResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__estimated) -> _WhichOneofReturnType__estimated | None: ...
 
 Global___CountInputTokensResponse: _TypeAlias = CountInputTokensResponse  # noqa: Y015
+
+@_typing.final
+class CompactResponseRequest(_message.Message):
+    """The body of POST /v1/responses/compact: the conversation to compact (a stored chain, new
+    input, or both) and the model that summarizes it. Field names match CreateResponseRequest's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    instructions: _builtins.str
+    previous_response_id: _builtins.str
+    prompt_cache_key: _builtins.str
+    @_builtins.property
+    def input(self) -> _containers.RepeatedCompositeFieldContainer[_response_pb2.Item]:
+        """A JSON string stands for one user message with that text."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        input: _abc.Iterable[_response_pb2.Item] | None = ...,
+        instructions: _builtins.str | None = ...,
+        previous_response_id: _builtins.str | None = ...,
+        prompt_cache_key: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "instructions", b"instructions", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "input", b"input", "instructions", b"instructions", "model", b"model", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__instructions: _TypeAlias = _typing.Literal["instructions"]  # noqa: Y015
+    _WhichOneofArgType__instructions: _TypeAlias = _typing.Literal["_instructions", b"_instructions"]  # noqa: Y015
+    _WhichOneofReturnType__previous_response_id: _TypeAlias = _typing.Literal["previous_response_id"]  # noqa: Y015
+    _WhichOneofArgType__previous_response_id: _TypeAlias = _typing.Literal["_previous_response_id", b"_previous_response_id"]  # noqa: Y015
+    _WhichOneofReturnType__prompt_cache_key: _TypeAlias = _typing.Literal["prompt_cache_key"]  # noqa: Y015
+    _WhichOneofArgType__prompt_cache_key: _TypeAlias = _typing.Literal["_prompt_cache_key", b"_prompt_cache_key"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__instructions) -> _WhichOneofReturnType__instructions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__previous_response_id) -> _WhichOneofReturnType__previous_response_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_cache_key) -> _WhichOneofReturnType__prompt_cache_key | None: ...
+
+Global___CompactResponseRequest: _TypeAlias = CompactResponseRequest  # noqa: Y015
+
+@_typing.final
+class CompactResponseResponse(_message.Message):
+    """The compacted conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OBJECT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    object: _builtins.str
+    """Always "response.compaction"."""
+    created_at: _builtins.int
+    """Unix seconds."""
+    @_builtins.property
+    def output(self) -> _containers.RepeatedCompositeFieldContainer[_response_pb2.Item]:
+        """The conversation's user messages, then its compaction item."""
+
+    @_builtins.property
+    def usage(self) -> _response_pb2.Usage:
+        """The tokens of the summarizing pass."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        object: _builtins.str = ...,
+        output: _abc.Iterable[_response_pb2.Item] | None = ...,
+        created_at: _builtins.int = ...,
+        usage: _response_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "object", b"object", "output", b"output", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactResponseResponse: _TypeAlias = CompactResponseResponse  # noqa: Y015

@@ -82,6 +82,11 @@ class ResponsesServiceStub:
                 request_serializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.SerializeToString,
                 response_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.FromString,
                 _registered_method=True)
+        self.CompactResponse = channel.unary_unary(
+                '/venna.responses.v1.ResponsesService/CompactResponse',
+                request_serializer=venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseRequest.SerializeToString,
+                response_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseResponse.FromString,
+                _registered_method=True)
         self.CountInputTokens = channel.unary_unary(
                 '/venna.responses.v1.ResponsesService/CountInputTokens',
                 request_serializer=venna_dot_responses_dot_v1_dot_service__pb2.CountInputTokensRequest.SerializeToString,
@@ -155,6 +160,14 @@ class ResponsesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompactResponse(self, request, context):
+        """Compacts a conversation: its user messages, then one compaction item summarizing the
+        whole of it, to start later turns from. Nothing is stored; the usage is recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountInputTokens(self, request, context):
         """Counts the input tokens a create request with these fields would send to its model,
         generating and storing nothing.
@@ -200,6 +213,11 @@ def add_ResponsesServiceServicer_to_server(servicer, server):
                     servicer.ListInputItems,
                     request_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.FromString,
                     response_serializer=venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.SerializeToString,
+            ),
+            'CompactResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactResponse,
+                    request_deserializer=venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseRequest.FromString,
+                    response_serializer=venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseResponse.SerializeToString,
             ),
             'CountInputTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.CountInputTokens,
@@ -407,6 +425,33 @@ class ResponsesService:
             '/venna.responses.v1.ResponsesService/ListInputItems',
             venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsRequest.SerializeToString,
             venna_dot_responses_dot_v1_dot_service__pb2.ListInputItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/venna.responses.v1.ResponsesService/CompactResponse',
+            venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseRequest.SerializeToString,
+            venna_dot_responses_dot_v1_dot_service__pb2.CompactResponseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,10 @@ class ResponsesServiceStub:
     """Cancels a background response. Cancelling a finished one returns it unchanged."""
     ListInputItems: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListInputItemsRequest, _service_pb2.ListInputItemsResponse]
     """Lists the input items of a stored response, newest first by default."""
+    CompactResponse: _grpc.UnaryUnaryMultiCallable[_service_pb2.CompactResponseRequest, _service_pb2.CompactResponseResponse]
+    """Compacts a conversation: its user messages, then one compaction item summarizing the
+    whole of it, to start later turns from. Nothing is stored; the usage is recorded.
+    """
     CountInputTokens: _grpc.UnaryUnaryMultiCallable[_service_pb2.CountInputTokensRequest, _service_pb2.CountInputTokensResponse]
     """Counts the input tokens a create request with these fields would send to its model,
     generating and storing nothing.
@@ -107,6 +111,10 @@ class ResponsesServiceAsyncStub(ResponsesServiceStub):
     """Cancels a background response. Cancelling a finished one returns it unchanged."""
     ListInputItems: _aio.UnaryUnaryMultiCallable[_service_pb2.ListInputItemsRequest, _service_pb2.ListInputItemsResponse]  # type: ignore[assignment]
     """Lists the input items of a stored response, newest first by default."""
+    CompactResponse: _aio.UnaryUnaryMultiCallable[_service_pb2.CompactResponseRequest, _service_pb2.CompactResponseResponse]  # type: ignore[assignment]
+    """Compacts a conversation: its user messages, then one compaction item summarizing the
+    whole of it, to start later turns from. Nothing is stored; the usage is recorded.
+    """
     CountInputTokens: _aio.UnaryUnaryMultiCallable[_service_pb2.CountInputTokensRequest, _service_pb2.CountInputTokensResponse]  # type: ignore[assignment]
     """Counts the input tokens a create request with these fields would send to its model,
     generating and storing nothing.
@@ -187,6 +195,16 @@ class ResponsesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.ListInputItemsResponse, _abc.Awaitable[_service_pb2.ListInputItemsResponse]]:
         """Lists the input items of a stored response, newest first by default."""
+
+    @_abc_1.abstractmethod
+    def CompactResponse(
+        self,
+        request: _service_pb2.CompactResponseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.CompactResponseResponse, _abc.Awaitable[_service_pb2.CompactResponseResponse]]:
+        """Compacts a conversation: its user messages, then one compaction item summarizing the
+        whole of it, to start later turns from. Nothing is stored; the usage is recorded.
+        """
 
     @_abc_1.abstractmethod
     def CountInputTokens(
