@@ -41,6 +41,9 @@ class GenerationSettings:
     max_tool_calls: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # Context management: the input tokens at which the context is compacted before generating
+    # (Venna does it, whatever the backend; see venna.server.compaction).
+    compact_threshold: int | None = None
     # Settings of one vendor's API, passed on by the backends that speak it (``venice_parameters``).
     vendor: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     requested: frozenset[str] = frozenset()
@@ -164,6 +167,14 @@ class Incomplete:
     reason: response_pb2.IncompleteReason.ValueType = response_pb2.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS
 
 
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """The context was compacted before generating (context management): the finished
+    compaction item, which comes first in the output."""
+
+    compaction: response_pb2.Compaction
+
+
 BackendEvent = (
     TextDelta
     | TextAnnotation
@@ -177,6 +188,7 @@ BackendEvent = (
     | EndItem
     | UsageReport
     | Incomplete
+    | Compacted
 )
 
 

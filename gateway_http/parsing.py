@@ -22,7 +22,6 @@ UNSUPPORTED_PARAMETERS = frozenset(
     {
         "conversation",
         "prompt",
-        "context_management",
         "moderation",
         "prompt_cache_retention",
         "prompt_cache_options",

@@ -263,6 +263,8 @@ class ResponseBuilder:
                 usage.input_tokens_details.cached_tokens = event.cached_tokens
                 usage.output_tokens_details.reasoning_tokens = event.reasoning_tokens
                 return []
+            case base.Compacted(compaction=compaction):
+                return self._finished_item(response_pb2.Item(compaction=compaction))
             case base.Incomplete():
                 raise ValueError("Incomplete is terminal: call incomplete()")
         raise TypeError(f"unknown backend event {event!r}")
@@ -508,6 +510,19 @@ class ResponseBuilder:
             self._emit(
                 "output_item_added", events_pb2.OutputItemAddedEvent, output_index=self._open.index, item=item
             )
+        )
+        return events
+
+    def _finished_item(self, item: response_pb2.Item) -> list[Event]:
+        """An item that arrives whole (a compaction): added and done at once."""
+        events = self._close_item(response_pb2.ITEM_STATUS_COMPLETED)
+        self._response.output.append(item)
+        index = len(self._response.output) - 1
+        events.append(
+            self._emit("output_item_added", events_pb2.OutputItemAddedEvent, output_index=index, item=item)
+        )
+        events.append(
+            self._emit("output_item_done", events_pb2.OutputItemDoneEvent, output_index=index, item=item)
         )
         return events
 

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import time
+from collections.abc import AsyncGenerator
 
 import orjson
 
 from venna.backends import base
+from venna.backends.token_estimate import estimate_input_tokens
 from venna.responses.v1 import response_pb2
 from venna.server.ids import new_id
 
 # Marks Venna's own encoding, so that anything else is refused rather than misread.
 _PREFIX = "venna.compaction.v1."
 SUMMARY_HEADING = "Summary of the conversation so far:"
+# context_management's compact_threshold when the request gives none (input tokens).
+DEFAULT_COMPACT_THRESHOLD = 100_000
 COMPACTION_INSTRUCTIONS = (
     "You are compacting a long conversation so that it can continue in a shorter context. "
     "Write a summary of the transcript you are given that keeps everything needed to go on: "
@@ -66,12 +71,18 @@ def _text_message(role: response_pb2.Role.ValueType, text: str) -> response_pb2.
 
 
 def expand_compactions(context: list[response_pb2.Item]) -> list[response_pb2.Item]:
-    """The context a backend receives: each compaction item replaced by a developer message
-    holding its summary (validation made sure every one decodes)."""
-    if not any(item.HasField("compaction") for item in context):
+    """The context a backend receives. A compaction item replaces everything before it but the
+    user messages (it summarizes all of that, earlier compactions included), and reaches the
+    backend as a developer message holding its summary (validation made sure it decodes)."""
+    last = max((index for index, item in enumerate(context) if item.HasField("compaction")), default=None)
+    if last is None:
         return context
-    expanded: list[response_pb2.Item] = []
-    for item in context:
+    expanded: list[response_pb2.Item] = [
+        item
+        for item in context[:last]
+        if item.HasField("message") and item.message.role == response_pb2.ROLE_USER
+    ]
+    for item in context[last:]:
         if item.HasField("compaction"):
             summary = decode_summary(item.compaction.encrypted_content) or ""
             expanded.append(_text_message(response_pb2.ROLE_DEVELOPER, f"{SUMMARY_HEADING}\n\n{summary}"))
@@ -150,3 +161,85 @@ def kept_messages(context: list[response_pb2.Item]) -> list[response_pb2.Item]:
 
 def created_at() -> int:
     return int(time.time())
+
+
+@dataclasses.dataclass(slots=True)
+class Summary:
+    text: str
+    usage: base.UsageReport
+
+
+async def summarize(backend: base.Backend, generation: base.GenerationRequest) -> Summary:
+    """Runs ``backend`` on ``generation`` (a summarizing request) and keeps its text and usage;
+    raises BackendError if it fails or stops short (then nothing may be compacted)."""
+    texts: list[str] = []
+    usage = base.UsageReport(input_tokens=0, output_tokens=0)
+    stream = backend.generate(generation)
+    try:
+        async for event in stream:
+            if isinstance(event, base.TextDelta):
+                texts.append(event.text)
+            elif isinstance(event, base.UsageReport):
+                usage = event
+            elif isinstance(event, base.Incomplete):
+                raise base.BackendError(
+                    base.ErrorKind.UNAVAILABLE,
+                    "The model stopped before it finished the summary; nothing was compacted.",
+                    code="server_error",
+                )
+    finally:
+        await stream.aclose()
+    return Summary("".join(texts), usage)
+
+
+def _added(first: base.UsageReport, second: base.UsageReport) -> base.UsageReport:
+    return base.UsageReport(
+        input_tokens=first.input_tokens + second.input_tokens,
+        output_tokens=first.output_tokens + second.output_tokens,
+        reasoning_tokens=first.reasoning_tokens + second.reasoning_tokens,
+        cached_tokens=first.cached_tokens + second.cached_tokens,
+    )
+
+
+class CompactingBackend:
+    """Context management (``{"type": "compaction", "compact_threshold": N}`` on a create): a
+    backend whose context, once it reaches the threshold in input tokens (the backend's own
+    count, or the estimate), is first compacted by the same model. The compaction item comes
+    first in the output, the model then answers from the kept user messages and the summary,
+    and the response's usage is both passes together."""
+
+    def __init__(self, inner: base.Backend, threshold: int) -> None:
+        self.inner = inner
+        self.threshold = threshold
+
+    def validate(self, request: base.GenerationRequest) -> None:
+        self.inner.validate(request)
+
+    async def _input_tokens(self, request: base.GenerationRequest) -> int:
+        if isinstance(self.inner, base.InputTokenCounter):
+            counted = await self.inner.count_input_tokens(request)
+            if counted is not None:
+                return counted
+        return estimate_input_tokens(request)
+
+    async def generate(self, request: base.GenerationRequest) -> AsyncGenerator[base.BackendEvent, None]:
+        if await self._input_tokens(request) < self.threshold:
+            async for event in self.inner.generate(request):
+                yield event
+            return
+        summarizing = summarizing_request(
+            request.model, list(request.context), request.instructions, request.settings.prompt_cache_key
+        )
+        summary = await summarize(self.inner, summarizing)
+        compaction = response_pb2.Compaction(id=new_id("cmp"), encrypted_content=encode_summary(summary.text))
+        yield base.Compacted(compaction)
+        kept = [*kept_messages(list(request.context)), response_pb2.Item(compaction=compaction)]
+        compacted = dataclasses.replace(request, context=expand_compactions(kept))
+        async for event in self.inner.generate(compacted):
+            yield _added(summary.usage, event) if isinstance(event, base.UsageReport) else event
+
+
+def with_context_management(backend: base.Backend, generation: base.GenerationRequest) -> base.Backend:
+    """``backend``, compacting first when the request asks for context management."""
+    threshold = generation.settings.compact_threshold
+    return backend if threshold is None else CompactingBackend(backend, threshold)

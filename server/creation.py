@@ -192,40 +192,34 @@ class Creation:
         )
         try:
             route.backend.validate(generation)
+            summary = await compaction.summarize(route.backend, generation)
         except base.BackendError as error:
             raise errors.from_backend(error) from None
-        response = _initial_response(service_pb2.CreateResponseRequest(model=create.model, store=False))
-        builder = ResponseBuilder(response, quiet=True)
-        execution = Execution(builder, route.backend, generation)
-        try:
-            await execution.run()
-        except base.BackendError as error:
-            raise errors.from_backend(error, response.id) from None
-        finally:
-            if builder.finished:
-                await self._store.record_usage(workspace_id, response)
-        if execution.error is not None:
-            raise errors.from_backend(execution.error, response.id)
-        if response.status != response_pb2.RESPONSE_STATUS_COMPLETED:
-            raise errors.ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                "The model stopped before it finished the summary (its output was cut short); "
-                "nothing was compacted.",
-                reason="COMPACTION_INCOMPLETE",
-            )
-        summary = "".join(
-            part.output_text.text
-            for item in response.output
-            if item.HasField("message")
-            for part in item.message.content
-            if part.HasField("output_text")
+        usage = response_pb2.Usage(
+            input_tokens=summary.usage.input_tokens,
+            output_tokens=summary.usage.output_tokens,
+            total_tokens=summary.usage.input_tokens + summary.usage.output_tokens,
+            input_tokens_details=response_pb2.InputTokensDetails(cached_tokens=summary.usage.cached_tokens),
+            output_tokens_details=response_pb2.OutputTokensDetails(
+                reasoning_tokens=summary.usage.reasoning_tokens
+            ),
         )
+        # The pass is billed like a response that was not stored.
+        billed = response_pb2.Response(
+            id=new_id("resp"),
+            object="response",
+            created_at=compaction.created_at(),
+            model=create.model,
+            status=response_pb2.RESPONSE_STATUS_COMPLETED,
+            usage=usage,
+        )
+        await self._store.record_usage(workspace_id, billed)
         return service_pb2.CompactResponseResponse(
-            id=response.id,
+            id=billed.id,
             object="response.compaction",
-            output=[*compaction.kept_messages(context), compaction.compaction_item(summary)],
-            created_at=response.created_at,
-            usage=response.usage,
+            output=[*compaction.kept_messages(context), compaction.compaction_item(summary.text)],
+            created_at=billed.created_at,
+            usage=usage,
         )
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:

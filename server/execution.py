@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator
 
 from venna.backends import base
 from venna.server.builder import Event, ResponseBuilder
+from venna.server.compaction import with_context_management
 
 
 class Execution:
@@ -20,7 +21,7 @@ class Execution:
         self, builder: ResponseBuilder, backend: base.Backend, generation: base.GenerationRequest
     ) -> None:
         self.builder = builder
-        self.backend = backend
+        self.backend = with_context_management(backend, generation)
         self.generation = generation
         # The failure reported in-band as response.failed, if any.
         self.error: base.BackendError | None = None

@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from venna.backends import base
 from venna.responses.v1 import response_pb2, service_pb2
-from venna.server.compaction import expand_compactions
+from venna.server.compaction import DEFAULT_COMPACT_THRESHOLD, expand_compactions
 
 
 def generation_request(
@@ -52,6 +52,7 @@ def generation_settings(request: service_pb2.CreateResponseRequest) -> base.Gene
         ),
         top_logprobs=request.top_logprobs if request.HasField("top_logprobs") else None,
         max_tool_calls=request.max_tool_calls if request.HasField("max_tool_calls") else None,
+        compact_threshold=_compact_threshold(request),
         presence_penalty=request.presence_penalty if request.HasField("presence_penalty") else None,
         frequency_penalty=request.frequency_penalty if request.HasField("frequency_penalty") else None,
         vendor=(
@@ -63,6 +64,16 @@ def generation_settings(request: service_pb2.CreateResponseRequest) -> base.Gene
             field.name for field, _ in request.ListFields() if field.name in base.OPTIONAL_SETTINGS
         ),
     )
+
+
+def _compact_threshold(request: service_pb2.CreateResponseRequest) -> int | None:
+    """The threshold of a context_management compaction entry; None without one."""
+    for entry in request.context_management:
+        if entry.type == "compaction":
+            return (
+                entry.compact_threshold if entry.HasField("compact_threshold") else DEFAULT_COMPACT_THRESHOLD
+            )
+    return None
 
 
 def _enum_word(name: str) -> str:

@@ -120,6 +120,10 @@ def raise_if_any(violations: list[Violation]) -> None:
         )
 
 
+# The smallest compact_threshold of context_management (OpenAI's bound).
+MIN_COMPACT_THRESHOLD = 1000
+
+
 def validate_create(request: service_pb2.CreateResponseRequest) -> None:
     """Raises INVALID_ARGUMENT with a BadRequest listing every field violation.
 
@@ -149,6 +153,19 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
         )
     if request.HasField("top_logprobs") and not 0 <= request.top_logprobs <= 20:
         add(Violation("top_logprobs", "Invalid 'top_logprobs': expected 0 to 20."))
+    for index, entry in enumerate(request.context_management):
+        where = f"context_management[{index}]"
+        if entry.type != "compaction":
+            add(Violation(f"{where}.type", f"Invalid '{where}.type': expected 'compaction'."))
+        if entry.HasField("compact_threshold") and entry.compact_threshold < MIN_COMPACT_THRESHOLD:
+            add(
+                Violation(
+                    f"{where}.compact_threshold",
+                    f"Invalid '{where}.compact_threshold': expected at least {MIN_COMPACT_THRESHOLD}.",
+                )
+            )
+    if len(request.context_management) > 1:
+        add(Violation("context_management", "Invalid 'context_management': at most one entry."))
     for penalty in ("presence_penalty", "frequency_penalty"):
         if request.HasField(penalty) and not -2.0 <= getattr(request, penalty) <= 2.0:
             add(Violation(penalty, f"Invalid '{penalty}': expected a number from -2 to 2."))

@@ -6,6 +6,8 @@ seen from the upstream's side).
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,13 @@ import pytest
 from tests.conftest import error_info, serving
 from tests.fake_venice import FakeVenice
 from tests.http_harness import HttpVenna, running
-from tests.openai_schema import validate_open_responses, validate_response
+from tests.openai_schema import validate_open_responses, validate_response, validate_stream_event
 from tests.test_chat_backend import chat_stream
 from venna.backends.base import Backend
 from venna.backends.echo import EchoBackend
 from venna.backends.responses import ResponsesUpstream
 from venna.responses.v1 import service_pb2
-from venna.server.compaction import SUMMARY_HEADING, decode_summary
+from venna.server.compaction import COMPACTION_INSTRUCTIONS, SUMMARY_HEADING, decode_summary
 from venna.server.routing import Router
 
 
@@ -185,3 +187,101 @@ async def test_compact_over_grpc(tmp_path: Path) -> None:
                 metadata=venna.alpha.metadata,
             )
         assert error_info(refused.value).reason == "PREVIOUS_RESPONSE_NOT_FOUND"
+
+
+# ------------------------------------------------------------------ context management
+
+LONG = " ".join(f"w{index}" for index in range(1200))
+
+
+def sse(venna: HttpVenna, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream(
+        "POST",
+        f"{venna.base_url}/responses",
+        json={**body, "stream": True},
+        headers={"authorization": f"Bearer {venna.alpha}"},
+        timeout=10,
+    ) as reply:
+        return [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+
+
+def test_context_management_compacts_a_long_context_first(http_venna: HttpVenna) -> None:
+    """Over the threshold, the compaction item opens the output (with its own added and done
+    events), the model answers from the summary, and the usage is both passes together."""
+    management = [{"type": "compaction", "compact_threshold": 1000}]
+    events = sse(http_venna, {"model": "echo", "input": LONG, "context_management": management})
+    for event in events:
+        validate_stream_event(event)
+    added = [event for event in events if event["type"] == "response.output_item.added"]
+    assert [(event["output_index"], event["item"]["type"]) for event in added] == [
+        (0, "compaction"),
+        (1, "message"),
+    ]
+    final = events[-1]["response"]
+    assert final["status"] == "completed"
+    assert [item["type"] for item in final["output"]] == ["compaction", "message"]
+    assert decode_summary(final["output"][0]["encrypted_content"]) == f"[user] {LONG}"
+    # Echo: the summarizing pass read its instructions and the transcript (1201 words), the
+    # answer pass the kept message, the summary heading and the summary.
+    heading = len(SUMMARY_HEADING.split())
+    summarizing = len(COMPACTION_INSTRUCTIONS.split()) + 1201
+    assert final["usage"]["input_tokens"] == summarizing + (1200 + heading + 1201)
+
+
+def test_below_the_threshold_nothing_is_compacted(http_venna: HttpVenna) -> None:
+    management = [{"type": "compaction", "compact_threshold": 5000}]
+    created = post(
+        http_venna, "/responses", {"model": "echo", "input": LONG, "context_management": management}
+    )
+    assert [item["type"] for item in created.json()["output"]] == ["message"]
+
+
+def test_a_continuation_starts_from_the_last_compaction(http_venna: HttpVenna) -> None:
+    """What a compaction replaced is not sent again: a later turn's context is the kept user
+    messages, the summary and what followed it."""
+    management = [{"type": "compaction", "compact_threshold": 1000}]
+    first = post(
+        http_venna, "/responses", {"model": "echo", "input": LONG, "context_management": management}
+    ).json()
+    counted = post(
+        http_venna,
+        "/responses/input_tokens",
+        {"model": "echo", "input": "next", "previous_response_id": first["id"]},
+    ).json()["input_tokens"]
+    heading = len(SUMMARY_HEADING.split())
+    # kept message (1200) + summary (heading + 1201) + the answer (1200) + "next" (1)
+    assert counted == 1200 + heading + 1201 + 1200 + 1
+
+
+def test_a_background_response_compacts_too(http_venna: HttpVenna) -> None:
+    management = [{"type": "compaction", "compact_threshold": 1000}]
+    queued = post(
+        http_venna,
+        "/responses",
+        {"model": "echo", "input": LONG, "context_management": management, "background": True},
+    ).json()
+    deadline = time.monotonic() + 10
+    while True:
+        current = httpx.get(
+            f"{http_venna.base_url}/responses/{queued['id']}",
+            headers={"authorization": f"Bearer {http_venna.alpha}"},
+        ).json()
+        if current["status"] not in ("queued", "in_progress") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert current["status"] == "completed"
+    assert [item["type"] for item in current["output"]] == ["compaction", "message"]
+
+
+@pytest.mark.parametrize(
+    ("management", "param"),
+    [
+        ([{"type": "truncation"}], "context_management[0].type"),
+        ([{"type": "compaction", "compact_threshold": 10}], "context_management[0].compact_threshold"),
+        ([{"type": "compaction"}, {"type": "compaction"}], "context_management"),
+    ],
+)
+def test_bad_context_management_is_400(http_venna: HttpVenna, management: list[Any], param: str) -> None:
+    reply = post(http_venna, "/responses", {"model": "echo", "input": "x", "context_management": management})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param

@@ -112,6 +112,7 @@ class CreateResponseRequest(_message.Message):
     VENICE_PARAMETERS_FIELD_NUMBER: _builtins.int
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    CONTEXT_MANAGEMENT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model to run, e.g. "echo" or "venna-1"; backends may accept ":"-separated suffixes."""
     instructions: _builtins.str
@@ -176,6 +177,10 @@ class CreateResponseRequest(_message.Message):
     def venice_parameters(self) -> Global___VeniceParameters:
         """Venice.ai options; only venice models accept them."""
 
+    @_builtins.property
+    def context_management(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextManagement]:
+        """Compaction of a long context before generating; at most one entry."""
+
     def __init__(
         self,
         *,
@@ -207,10 +212,11 @@ class CreateResponseRequest(_message.Message):
         venice_parameters: Global___VeniceParameters | None = ...,
         presence_penalty: _builtins.float | None = ...,
         frequency_penalty: _builtins.float | None = ...,
+        context_management: _abc.Iterable[Global___ContextManagement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_seed", b"_seed", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "_venice_parameters", b"_venice_parameters", "frequency_penalty", b"frequency_penalty", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "seed", b"seed", "service_tier", b"service_tier", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user", "venice_parameters", b"venice_parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_seed", b"_seed", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "_venice_parameters", b"_venice_parameters", "background", b"background", "frequency_penalty", b"frequency_penalty", "include", b"include", "input", b"input", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "seed", b"seed", "service_tier", b"service_tier", "stop", b"stop", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "user", b"user", "venice_parameters", b"venice_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_instructions", b"_instructions", "_max_output_tokens", b"_max_output_tokens", "_max_tool_calls", b"_max_tool_calls", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_previous_response_id", b"_previous_response_id", "_prompt_cache_key", b"_prompt_cache_key", "_reasoning", b"_reasoning", "_safety_identifier", b"_safety_identifier", "_seed", b"_seed", "_service_tier", b"_service_tier", "_store", b"_store", "_temperature", b"_temperature", "_text", b"_text", "_tool_choice", b"_tool_choice", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "_user", b"_user", "_venice_parameters", b"_venice_parameters", "background", b"background", "context_management", b"context_management", "frequency_penalty", b"frequency_penalty", "include", b"include", "input", b"input", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "max_tool_calls", b"max_tool_calls", "metadata", b"metadata", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "previous_response_id", b"previous_response_id", "prompt_cache_key", b"prompt_cache_key", "reasoning", b"reasoning", "safety_identifier", b"safety_identifier", "seed", b"seed", "service_tier", b"service_tier", "stop", b"stop", "store", b"store", "temperature", b"temperature", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "truncation", b"truncation", "user", b"user", "venice_parameters", b"venice_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -294,6 +300,37 @@ class CreateResponseRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__venice_parameters) -> _WhichOneofReturnType__venice_parameters | None: ...
 
 Global___CreateResponseRequest: _TypeAlias = CreateResponseRequest  # noqa: Y015
+
+@_typing.final
+class ContextManagement(_message.Message):
+    """An entry of context_management: when the context reaches compact_threshold input tokens,
+    it is compacted first (as POST /v1/responses/compact would) and the compaction item opens
+    the output.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    COMPACT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"compaction", the only kind there is."""
+    compact_threshold: _builtins.int
+    """At least 1000; 100000 when unset."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        compact_threshold: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_compact_threshold", b"_compact_threshold", "compact_threshold", b"compact_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compact_threshold", b"_compact_threshold", "compact_threshold", b"compact_threshold", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__compact_threshold: _TypeAlias = _typing.Literal["compact_threshold"]  # noqa: Y015
+    _WhichOneofArgType__compact_threshold: _TypeAlias = _typing.Literal["_compact_threshold", b"_compact_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compact_threshold) -> _WhichOneofReturnType__compact_threshold | None: ...
+
+Global___ContextManagement: _TypeAlias = ContextManagement  # noqa: Y015
 
 @_typing.final
 class VeniceParameters(_message.Message):
