@@ -22,7 +22,7 @@ from venna.backends.store import (
     open_store,
 )
 from venna.backends.store.sqlite import SqliteStore
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.responses.v1 import conversations_pb2, events_pb2, response_pb2, service_pb2
 
 # Each engine: where a fresh store is (a scratch directory, or a new PostgreSQL database).
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], str | Path]] = {
@@ -494,3 +494,64 @@ async def test_a_deleted_response_still_gets_its_usage_from_its_holder(store: Re
     assert not await store.save_response(alpha, made, finished=True, lease=LEASE)
     (total,) = await store.usage_totals(alpha)
     assert (total.responses, total.input_tokens) == (1, 3)
+
+
+# ------------------------------------------------------------------ conversations
+
+
+def conversation(metadata: dict[str, str] | None = None) -> conversations_pb2.Conversation:
+    return conversations_pb2.Conversation(
+        id=f"conv_{next(_counter):08d}",
+        object="conversation",
+        created_at=1_700_000_000,
+        metadata=metadata or {},
+    )
+
+
+async def test_a_conversation_keeps_its_items_in_order(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    made = conversation({"topic": "launch"})
+    first = [message(response_pb2.ROLE_USER, "one"), message(response_pb2.ROLE_ASSISTANT, "two")]
+    await store.create_conversation(alpha, made, first)
+    assert await store.get_conversation(alpha, made.id) == made
+    later = [message(response_pb2.ROLE_USER, "three")]
+    assert await store.add_conversation_items(alpha, made.id, later)
+    page = await store.conversation_items(alpha, made.id)
+    assert page is not None and [item_id(item) for item in page.items] == [
+        item_id(i) for i in [*first, *later]
+    ]
+    newest = await store.conversation_items(alpha, made.id, limit=2, ascending=False)
+    assert newest is not None and newest.has_more
+    assert [item_id(item) for item in newest.items] == [item_id(later[0]), item_id(first[1])]
+    rest = await store.conversation_items(alpha, made.id, limit=2, ascending=False, after=item_id(first[1]))
+    assert rest is not None and not rest.has_more
+    assert [item_id(item) for item in rest.items] == [item_id(first[0])]
+    with pytest.raises(LookupError):
+        await store.conversation_items(alpha, made.id, after="msg_unknown")
+    assert await store.get_conversation_item(alpha, made.id, item_id(first[1])) == first[1]
+    # Another workspace learns nothing of it, and can change nothing.
+    assert await store.get_conversation(beta, made.id) is None
+    assert await store.conversation_items(beta, made.id) is None
+    assert await store.get_conversation_item(beta, made.id, item_id(first[0])) is None
+    assert not await store.add_conversation_items(beta, made.id, later)
+    assert not await store.delete_conversation_item(beta, made.id, item_id(first[0]))
+    assert await store.update_conversation(beta, made.id, {"x": "y"}) is None
+    assert not await store.delete_conversation(beta, made.id)
+
+
+async def test_a_conversation_is_updated_and_deleted(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    made = conversation({"a": "1"})
+    items = [message(response_pb2.ROLE_USER, "one"), message(response_pb2.ROLE_USER, "two")]
+    await store.create_conversation(alpha, made, items)
+    updated = await store.update_conversation(alpha, made.id, {"b": "2"})
+    assert updated is not None and dict(updated.metadata) == {"b": "2"}
+    assert await store.get_conversation(alpha, made.id) == updated
+    assert await store.delete_conversation_item(alpha, made.id, item_id(items[0]))
+    assert not await store.delete_conversation_item(alpha, made.id, item_id(items[0]))
+    page = await store.conversation_items(alpha, made.id)
+    assert page is not None and [item_id(item) for item in page.items] == [item_id(items[1])]
+    assert await store.delete_conversation(alpha, made.id)
+    assert await store.get_conversation(alpha, made.id) is None
+    assert await store.conversation_items(alpha, made.id) is None
+    assert not await store.add_conversation_items(alpha, made.id, items)

@@ -22,11 +22,11 @@ fence; the clock only decides when a lease may be claimed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.responses.v1 import conversations_pb2, events_pb2, response_pb2, service_pb2
 
 
 class StoreUnavailable(Exception):
@@ -354,6 +354,65 @@ class ResponseStore(Protocol):
         """Calls ``callback(response_id)`` (on the event loop) when a cancel is requested: by
         this store, and, where the engine can tell, by any other process. Owners also learn it
         when they renew their leases."""
+        ...
+
+    # ------------------------------------------------------------------ conversations
+
+    def create_conversation(
+        self,
+        workspace_id: str,
+        conversation: conversations_pb2.Conversation,
+        items: Sequence[response_pb2.Item],
+    ) -> Awaitable[None]:
+        """Stores a new conversation with its first items, in order."""
+        ...
+
+    def get_conversation(
+        self, workspace_id: str, conversation_id: str
+    ) -> Awaitable[conversations_pb2.Conversation | None]:
+        """The workspace's conversation, or None (unknown, deleted, or another workspace's)."""
+        ...
+
+    def update_conversation(
+        self, workspace_id: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Awaitable[conversations_pb2.Conversation | None]:
+        """Replaces the metadata; the updated conversation, or None if it is not found."""
+        ...
+
+    def delete_conversation(self, workspace_id: str, conversation_id: str) -> Awaitable[bool]:
+        """Deletes the conversation and its items; False if it is not found."""
+        ...
+
+    def add_conversation_items(
+        self, workspace_id: str, conversation_id: str, items: Sequence[response_pb2.Item]
+    ) -> Awaitable[bool]:
+        """Appends items after the conversation's last; False if it is not found."""
+        ...
+
+    def conversation_items(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        limit: int | None = None,
+        ascending: bool = True,
+        after: str | None = None,
+    ) -> Awaitable[InputItemsPage | None]:
+        """The conversation's items in order (a page of ``limit`` after the item ``after``, or
+        all of them); None if it is not found. Raises LookupError if ``after`` is not one of its
+        items."""
+        ...
+
+    def get_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id: str
+    ) -> Awaitable[response_pb2.Item | None]:
+        """One item of the conversation; None if either is not found."""
+        ...
+
+    def delete_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id: str
+    ) -> Awaitable[bool]:
+        """Removes one item of the conversation; False if either is not found."""
         ...
 
     # ------------------------------------------------------------------ usage

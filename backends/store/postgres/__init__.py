@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -34,6 +34,7 @@ from venna.backends.store.protocol import (
     UnreadableRecord,
     UsageTotal,
     Workspace,
+    item_id,
 )
 from venna.backends.store.records import (
     INPUT,
@@ -53,7 +54,7 @@ from venna.backends.store.records import (
     usage_row,
     usage_rows,
 )
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.responses.v1 import conversations_pb2, events_pb2, response_pb2, service_pb2
 
 __all__ = ["PostgresStore"]
 
@@ -705,6 +706,145 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ usage
 
+    # ------------------------------------------------------------------ conversations
+
+    async def create_conversation(
+        self,
+        workspace_id: str,
+        conversation: conversations_pb2.Conversation,
+        items: Sequence[response_pb2.Item],
+    ) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "INSERT INTO conversations (id, workspace_id, created_at, body) VALUES ($1, $2, $3, $4)",
+                conversation.id,
+                workspace_id,
+                conversation.created_at,
+                conversation.SerializeToString(),
+            )
+            await _add_conversation_items(connection, conversation.id, items)
+
+    async def get_conversation(
+        self, workspace_id: str, conversation_id: str
+    ) -> conversations_pb2.Conversation | None:
+        body = await self.pool.fetchval(
+            "SELECT body FROM conversations WHERE id = $1 AND workspace_id = $2",
+            conversation_id,
+            workspace_id,
+        )
+        return None if body is None else conversations_pb2.Conversation.FromString(body)
+
+    async def update_conversation(
+        self, workspace_id: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> conversations_pb2.Conversation | None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            body = await connection.fetchval(
+                "SELECT body FROM conversations WHERE id = $1 AND workspace_id = $2 FOR UPDATE",
+                conversation_id,
+                workspace_id,
+            )
+            if body is None:
+                return None
+            conversation = conversations_pb2.Conversation.FromString(body)
+            conversation.metadata.clear()
+            conversation.metadata.update(metadata)
+            await connection.execute(
+                "UPDATE conversations SET body = $1 WHERE id = $2",
+                conversation.SerializeToString(),
+                conversation_id,
+            )
+        return conversation
+
+    async def delete_conversation(self, workspace_id: str, conversation_id: str) -> bool:
+        async with self.pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                "DELETE FROM conversations WHERE id = $1 AND workspace_id = $2", conversation_id, workspace_id
+            )
+            if status != "DELETE 1":
+                return False
+            await connection.execute(
+                "DELETE FROM conversation_items WHERE conversation_id = $1", conversation_id
+            )
+        return True
+
+    async def add_conversation_items(
+        self, workspace_id: str, conversation_id: str, items: Sequence[response_pb2.Item]
+    ) -> bool:
+        async with self.pool.acquire() as connection, connection.transaction():
+            # Locked, so that items added by concurrent calls keep the order of their commits.
+            found = await connection.fetchval(
+                "SELECT 1 FROM conversations WHERE id = $1 AND workspace_id = $2 FOR UPDATE",
+                conversation_id,
+                workspace_id,
+            )
+            if found is None:
+                return False
+            await _add_conversation_items(connection, conversation_id, items)
+        return True
+
+    async def conversation_items(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        limit: int | None = None,
+        ascending: bool = True,
+        after: str | None = None,
+    ) -> InputItemsPage | None:
+        async with self.pool.acquire() as connection:
+            found = await connection.fetchval(
+                "SELECT 1 FROM conversations WHERE id = $1 AND workspace_id = $2",
+                conversation_id,
+                workspace_id,
+            )
+            if found is None:
+                return None
+            if after is None:
+                bound = -1 if ascending else 2**62
+            else:
+                seq = await connection.fetchval(
+                    "SELECT seq FROM conversation_items WHERE conversation_id = $1 AND item_id = $2"
+                    " ORDER BY seq LIMIT 1",
+                    conversation_id,
+                    after,
+                )
+                if seq is None:
+                    raise LookupError(after)
+                bound = seq
+            comparison, direction = (">", "ASC") if ascending else ("<", "DESC")
+            rows = await connection.fetch(
+                f"SELECT body FROM conversation_items WHERE conversation_id = $1 AND seq {comparison} $2"
+                f" ORDER BY seq {direction} LIMIT $3",
+                conversation_id,
+                bound,
+                None if limit is None else limit + 1,
+            )
+        shown = rows if limit is None else rows[:limit]
+        items = [decode_item(row["body"], conversation_id) for row in shown]
+        return InputItemsPage(items=items, has_more=limit is not None and len(rows) > limit)
+
+    async def get_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id: str
+    ) -> response_pb2.Item | None:
+        body = await self.pool.fetchval(
+            "SELECT i.body FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id"
+            " WHERE c.id = $1 AND c.workspace_id = $2 AND i.item_id = $3 ORDER BY i.seq LIMIT 1",
+            conversation_id,
+            workspace_id,
+            item_id,
+        )
+        return None if body is None else decode_item(body, conversation_id, item_id)
+
+    async def delete_conversation_item(self, workspace_id: str, conversation_id: str, item_id: str) -> bool:
+        status = await self.pool.execute(
+            "DELETE FROM conversation_items i USING conversations c WHERE c.id = i.conversation_id"
+            " AND c.id = $1 AND c.workspace_id = $2 AND i.item_id = $3",
+            conversation_id,
+            workspace_id,
+            item_id,
+        )
+        return status != "DELETE 0"
+
     async def usage_totals(
         self,
         workspace_id: str,
@@ -878,3 +1018,13 @@ class _Watch:
 
     def close(self) -> None:
         self._store._unwatch(self)
+
+
+async def _add_conversation_items(
+    connection: Connection, conversation_id: str, items: Sequence[response_pb2.Item]
+) -> None:
+    if items:
+        await connection.executemany(
+            "INSERT INTO conversation_items (conversation_id, item_id, body) VALUES ($1, $2, $3)",
+            [(conversation_id, item_id(item), item.SerializeToString()) for item in items],
+        )

@@ -96,6 +96,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE responses ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
         """,
     ),
+    (
+        # Conversations and their items, in the order they were added.
+        "m003_conversations",
+        """
+        CREATE TABLE conversations (
+            id text PRIMARY KEY,
+            workspace_id text NOT NULL,
+            created_at bigint NOT NULL,
+            body bytea NOT NULL
+        );
+        CREATE TABLE conversation_items (
+            seq bigserial PRIMARY KEY,
+            conversation_id text NOT NULL,
+            item_id text NOT NULL,
+            body bytea NOT NULL
+        );
+        CREATE INDEX conversation_items_in_order ON conversation_items (conversation_id, seq);
+        CREATE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id);
+        """,
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from venna.backends.store.protocol import (
@@ -28,7 +28,7 @@ from venna.backends.store.protocol import (
 from venna.backends.store.records import event_rows, new_response_rows, usage_rows
 from venna.backends.store.sqlite.queries import Store
 from venna.backends.store.sqlite.writer import AsyncStore
-from venna.responses.v1 import events_pb2, response_pb2, service_pb2
+from venna.responses.v1 import conversations_pb2, events_pb2, response_pb2, service_pb2
 
 __all__ = ["SqliteStore"]
 
@@ -219,6 +219,68 @@ class SqliteStore:
     def on_cancel_requested(self, callback: Callable[[str], None]) -> None:
         # Only this process uses the file: its own requests are the only ones.
         self._cancelling.append(callback)
+
+    # ------------------------------------------------------------------ conversations
+
+    def create_conversation(
+        self,
+        workspace_id: str,
+        conversation: conversations_pb2.Conversation,
+        items: Sequence[response_pb2.Item],
+    ) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.create_conversation, workspace_id, conversation, items)
+
+    def get_conversation(
+        self, workspace_id: str, conversation_id: str
+    ) -> asyncio.Future[conversations_pb2.Conversation | None]:
+        return self._thread.call(self.queries.get_conversation, workspace_id, conversation_id)
+
+    def update_conversation(
+        self, workspace_id: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> asyncio.Future[conversations_pb2.Conversation | None]:
+        return self._thread.call(
+            self.queries.update_conversation, workspace_id, conversation_id, dict(metadata)
+        )
+
+    def delete_conversation(self, workspace_id: str, conversation_id: str) -> asyncio.Future[bool]:
+        return self._thread.call(self.queries.delete_conversation, workspace_id, conversation_id)
+
+    def add_conversation_items(
+        self, workspace_id: str, conversation_id: str, items: Sequence[response_pb2.Item]
+    ) -> asyncio.Future[bool]:
+        return self._thread.call(
+            self.queries.add_conversation_items, workspace_id, conversation_id, list(items)
+        )
+
+    def conversation_items(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        limit: int | None = None,
+        ascending: bool = True,
+        after: str | None = None,
+    ) -> asyncio.Future[InputItemsPage | None]:
+        return self._thread.call(
+            self.queries.conversation_items,
+            workspace_id,
+            conversation_id,
+            limit=limit,
+            ascending=ascending,
+            after=after,
+        )
+
+    def get_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id: str
+    ) -> asyncio.Future[response_pb2.Item | None]:
+        return self._thread.call(self.queries.get_conversation_item, workspace_id, conversation_id, item_id)
+
+    def delete_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id: str
+    ) -> asyncio.Future[bool]:
+        return self._thread.call(
+            self.queries.delete_conversation_item, workspace_id, conversation_id, item_id
+        )
 
     def usage_totals(
         self,

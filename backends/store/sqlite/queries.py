@@ -6,7 +6,7 @@ import contextlib
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -22,6 +22,7 @@ from venna.backends.store.protocol import (
     UnreadableRecord,
     UsageTotal,
     Workspace,
+    item_id,
 )
 from venna.backends.store.records import (
     INPUT,
@@ -48,7 +49,7 @@ from venna.backends.store.sqlite.rows import (
     insert_rows,
 )
 from venna.backends.store.sqlite.schema import UNFINISHED_STATUSES, migrations, prepare_private_file
-from venna.responses.v1 import events_pb2, response_pb2
+from venna.responses.v1 import conversations_pb2, events_pb2, response_pb2
 
 
 class Store:
@@ -368,6 +369,128 @@ class Store:
             self._conn.execute("DELETE FROM items WHERE response_id = ?", [response_id])
             self._conn.execute("DELETE FROM events WHERE response_id = ?", [response_id])
         return True
+
+    # ------------------------------------------------------------------ conversations
+
+    def create_conversation(
+        self,
+        workspace_id: str,
+        conversation: conversations_pb2.Conversation,
+        items: Sequence[response_pb2.Item],
+    ) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO conversations (id, workspace_id, created_at, body) VALUES (?, ?, ?, ?)",
+                [conversation.id, workspace_id, conversation.created_at, conversation.SerializeToString()],
+            )
+            self._add_conversation_items(conversation.id, items)
+
+    def _add_conversation_items(self, conversation_id: str, items: Sequence[response_pb2.Item]) -> None:
+        self._conn.executemany(
+            "INSERT INTO conversation_items (conversation_id, item_id, body) VALUES (?, ?, ?)",
+            [(conversation_id, item_id(item), item.SerializeToString()) for item in items],
+        )
+
+    def _conversation_row(self, workspace_id: str, conversation_id: str) -> bytes | None:
+        row = self._conn.execute(
+            "SELECT body FROM conversations WHERE id = ? AND workspace_id = ?",
+            [conversation_id, workspace_id],
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get_conversation(
+        self, workspace_id: str, conversation_id: str
+    ) -> conversations_pb2.Conversation | None:
+        body = self._conversation_row(workspace_id, conversation_id)
+        return None if body is None else conversations_pb2.Conversation.FromString(body)
+
+    def update_conversation(
+        self, workspace_id: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> conversations_pb2.Conversation | None:
+        with self._transaction():
+            conversation = self.get_conversation(workspace_id, conversation_id)
+            if conversation is None:
+                return None
+            conversation.metadata.clear()
+            conversation.metadata.update(metadata)
+            self._conn.execute(
+                "UPDATE conversations SET body = ? WHERE id = ?",
+                [conversation.SerializeToString(), conversation_id],
+            )
+        return conversation
+
+    def delete_conversation(self, workspace_id: str, conversation_id: str) -> bool:
+        with self._transaction():
+            cursor = self._conn.execute(
+                "DELETE FROM conversations WHERE id = ? AND workspace_id = ?", [conversation_id, workspace_id]
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._conn.execute("DELETE FROM conversation_items WHERE conversation_id = ?", [conversation_id])
+        return True
+
+    def add_conversation_items(
+        self, workspace_id: str, conversation_id: str, items: Sequence[response_pb2.Item]
+    ) -> bool:
+        with self._transaction():
+            if self._conversation_row(workspace_id, conversation_id) is None:
+                return False
+            self._add_conversation_items(conversation_id, items)
+        return True
+
+    def conversation_items(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        limit: int | None = None,
+        ascending: bool = True,
+        after: str | None = None,
+    ) -> InputItemsPage | None:
+        if self._conversation_row(workspace_id, conversation_id) is None:
+            return None
+        if after is None:
+            bound = -1 if ascending else 2**62
+        else:
+            row = self._conn.execute(
+                "SELECT seq FROM conversation_items WHERE conversation_id = ? AND item_id = ?"
+                " ORDER BY seq LIMIT 1",
+                [conversation_id, after],
+            ).fetchone()
+            if row is None:
+                raise LookupError(after)
+            bound = row[0]
+        comparison, direction = (">", "ASC") if ascending else ("<", "DESC")
+        rows = self._conn.execute(
+            f"SELECT body FROM conversation_items WHERE conversation_id = ? AND seq {comparison} ?"
+            f" ORDER BY seq {direction} LIMIT ?",
+            [conversation_id, bound, -1 if limit is None else limit + 1],
+        ).fetchall()
+        shown = rows if limit is None else rows[:limit]
+        items = [decode_item(body, conversation_id) for (body,) in shown]
+        return InputItemsPage(items=items, has_more=limit is not None and len(rows) > limit)
+
+    def get_conversation_item(
+        self, workspace_id: str, conversation_id: str, item_id_: str
+    ) -> response_pb2.Item | None:
+        if self._conversation_row(workspace_id, conversation_id) is None:
+            return None
+        row = self._conn.execute(
+            "SELECT body FROM conversation_items WHERE conversation_id = ? AND item_id = ?"
+            " ORDER BY seq LIMIT 1",
+            [conversation_id, item_id_],
+        ).fetchone()
+        return None if row is None else decode_item(row[0], conversation_id, item_id_)
+
+    def delete_conversation_item(self, workspace_id: str, conversation_id: str, item_id_: str) -> bool:
+        with self._transaction():
+            if self._conversation_row(workspace_id, conversation_id) is None:
+                return False
+            cursor = self._conn.execute(
+                "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+                [conversation_id, item_id_],
+            )
+        return cursor.rowcount > 0
 
     def load_context(
         self, workspace_id: str, response_id: str, *, max_depth: int | None = None

@@ -164,6 +164,21 @@ def m004_leases(db: Database) -> None:
     db.execute("ALTER TABLE responses ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations()
+def m005_conversations(db: Database) -> None:
+    """Conversations and their items, in the order they were added."""
+    db.execute(
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL,"
+        " created_at INTEGER NOT NULL, body BLOB NOT NULL)"
+    )
+    db.execute(
+        "CREATE TABLE conversation_items (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " conversation_id TEXT NOT NULL, item_id TEXT NOT NULL, body BLOB NOT NULL)"
+    )
+    db.execute("CREATE INDEX conversation_items_in_order ON conversation_items (conversation_id, seq)")
+    db.execute("CREATE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id)")
+
+
 # Conversations and key hashes are nobody else's business: the database is readable by its
 # owner only. SQLite creates the -wal and -shm files with the database file's mode.
 _FILE_MODE = 0o600
