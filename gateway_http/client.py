@@ -27,13 +27,14 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from venna.responses.v1 import models_pb2, service_pb2, usage_pb2
+from venna.responses.v1 import conversations_pb2, models_pb2, service_pb2, usage_pb2
 
 # The services the shim serves over HTTP, by their google.api.http annotations.
 SERVICES: tuple[ServiceDescriptor, ...] = (
     service_pb2.DESCRIPTOR.services_by_name["ResponsesService"],
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
     models_pb2.DESCRIPTOR.services_by_name["ModelsService"],
+    conversations_pb2.DESCRIPTOR.services_by_name["ConversationsService"],
 )
 # Large enough for any request body the shim accepts (gRPC's default is 4 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -50,6 +50,7 @@ _STRING_SHORTHANDS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "venna.responses.v1.CreateResponseRequest.input": lambda text: [{"role": "user", "content": text}],
     "venna.responses.v1.CountInputTokensRequest.input": lambda text: [{"role": "user", "content": text}],
     "venna.responses.v1.CompactResponseRequest.input": lambda text: [{"role": "user", "content": text}],
+    "venna.responses.v1.CreateConversationRequest.items": lambda text: [{"role": "user", "content": text}],
     "venna.responses.v1.Message.content": lambda text: [{"type": "input_text", "text": text}],
 }
 

@@ -20,7 +20,6 @@ OFFLOAD_BYTES = 1024 * 1024
 # given" (clients echo them back that way), any other value is refused by name.
 UNSUPPORTED_PARAMETERS = frozenset(
     {
-        "conversation",
         "prompt",
         "moderation",
         "prompt_cache_retention",

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from venna.backends.store import open_store
 from venna.responses.v1 import (
+    conversations_pb2,
+    conversations_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     service_pb2,
@@ -25,6 +27,7 @@ from venna.responses.v1 import (
     usage_pb2_grpc,
 )
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
+from venna.server.conversations import ConversationsService
 from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH, Creation
 from venna.server.models import ModelsService
 from venna.server.routing import Router, default_router
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_name
 USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 MODELS_SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name
+CONVERSATIONS_SERVICE_NAME = conversations_pb2.DESCRIPTOR.services_by_name["ConversationsService"].full_name
 
 
 @dataclass(slots=True)
@@ -171,6 +175,7 @@ class VennaServer:
         self.service = ResponsesService(self.store, self.runner, creation)
         self.usage = UsageService(self.store)
         self.models = ModelsService(self.router)
+        self.conversations = ConversationsService(self.store, creation)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
         self.authenticator = Authenticator(
             self.store, config.key_cache_seconds, config.max_concurrent_per_key
@@ -183,6 +188,7 @@ class VennaServer:
         service_pb2_grpc.add_ResponsesServiceServicer_to_server(self.service, recorder)  # type: ignore[arg-type]
         usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, recorder)  # type: ignore[arg-type]
         models_pb2_grpc.add_ModelsServiceServicer_to_server(self.models, recorder)  # type: ignore[arg-type]
+        conversations_pb2_grpc.add_ConversationsServiceServicer_to_server(self.conversations, recorder)  # type: ignore[arg-type]
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
         def within_limits(request: service_pb2.CreateResponseRequest) -> None:
@@ -210,6 +216,7 @@ class VennaServer:
                     SERVICE_NAME,
                     USAGE_SERVICE_NAME,
                     MODELS_SERVICE_NAME,
+                    CONVERSATIONS_SERVICE_NAME,
                     health.SERVICE_NAME,
                     reflection.SERVICE_NAME,
                 )
@@ -232,7 +239,7 @@ class VennaServer:
             raise OSError(f"cannot listen on {self.config.grpc_listen} (in use, or not a local address)")
         await self.server.start()
         await self.runner.start()
-        for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME, MODELS_SERVICE_NAME):
+        for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME, MODELS_SERVICE_NAME, CONVERSATIONS_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC listening on %s", self.address)
 

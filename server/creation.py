@@ -16,6 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from venna.backends import base
 from venna.backends.store import ChainTooDeep, ResponseStore, UnreadableRecord
@@ -28,6 +29,7 @@ from venna.server.generation import generation_request
 from venna.server.ids import new_id
 from venna.server.routing import Router
 from venna.server.runner import BackgroundRunner, LiveResponse
+from venna.server.turns import append_turn
 from venna.server.validation import validate_create
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ class Creation:
         workspace_id = auth.workspace_id()
         validate_create(request)
         route = self._router.resolve(request.model)
-        history, input_items = await self._context(workspace_id, request)
+        history, input_items = await self.context_of(workspace_id, request)
         generation = generation_request(request, model=route.model, context=[*history, *input_items])
         try:
             route.backend.validate(generation)
@@ -113,13 +115,15 @@ class Creation:
         )
         return Run(workspace_id, builder, route.backend, generation, request, input_items)
 
-    async def _context(
+    async def context_of(
         self, workspace_id: str, request: service_pb2.CreateResponseRequest
     ) -> tuple[list[response_pb2.Item], list[response_pb2.Item]]:
         """The history a request continues and its own input items, item references resolved."""
         history: list[response_pb2.Item] = []
         if request.HasField("previous_response_id"):
             history = await self._history(workspace_id, request.previous_response_id)
+        elif request.HasField("conversation"):
+            history = await self._conversation_history(workspace_id, conversation_id(request))
         references = [item.item_reference.id for item in request.input if item.HasField("item_reference")]
         if references:
             await self._resolve_references(workspace_id, request, references)
@@ -145,7 +149,7 @@ class Creation:
         if not counted:
             create.model = _NO_MODEL  # checked like any create, then estimated
         validate_create(create)
-        history, input_items = await self._context(workspace_id, create)
+        history, input_items = await self.context_of(workspace_id, create)
         context = [*history, *input_items]
         tokens: int | None = None
         if counted:
@@ -182,7 +186,7 @@ class Creation:
                 setattr(create, field.name, value)
         validate_create(create)
         route = self._router.resolve(create.model)
-        history, input_items = await self._context(workspace_id, create)
+        history, input_items = await self.context_of(workspace_id, create)
         context = [*history, *input_items]
         generation = compaction.summarizing_request(
             route.model,
@@ -221,6 +225,25 @@ class Creation:
             created_at=billed.created_at,
             usage=usage,
         )
+
+    async def _conversation_history(self, workspace_id: str, conversation: str) -> list[response_pb2.Item]:
+        try:
+            page = await self._store.conversation_items(workspace_id, conversation)
+        except UnreadableRecord:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Conversation '{conversation}' has an item that could not be read from the store.",
+                reason="STORED_ITEM_UNREADABLE",
+                param="conversation",
+            ) from None
+        if page is None:
+            raise errors.ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Conversation with id '{errors.quoted(conversation)}' not found.",
+                reason="CONVERSATION_NOT_FOUND",
+                param="conversation",
+            )
+        return page.items
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:
         try:
@@ -366,6 +389,7 @@ class Creation:
                         yield event
                     if not await self.save(run) and await self._still_stored(run):
                         raise _taken_over(response.id)
+                    await self.extend_conversation(run)
                     yield batch[-1]
         except base.BackendError as error:
             raise await self.failed(run, error) from None
@@ -399,6 +423,11 @@ class Creation:
             return await self._write(run) is not False
         self._save_detached(run)
         return True
+
+    async def extend_conversation(self, run: Run) -> None:
+        """Appends a finished turn to its conversation (if it has one) before its caller sees
+        its end, so that the next turn made in the conversation reads it."""
+        await append_turn(self._store, run.workspace_id, run.builder.response, run.input_items)
 
     async def _still_stored(self, run: Run) -> bool:
         """Whether a response whose final save was refused still exists (then another process
@@ -437,6 +466,12 @@ class Creation:
         """Waits for detached writes (at shutdown)."""
         while self._detached:
             await asyncio.wait(set(self._detached))
+
+
+def conversation_id(request: service_pb2.CreateResponseRequest) -> str:
+    """The conversation a create names, by its id or as ``{"id": …}``."""
+    choice = request.conversation
+    return choice.id if choice.WhichOneof("conversation") == "id" else choice.ref.id
 
 
 def _taken_over(response_id: str) -> errors.ServiceError:
@@ -513,6 +548,15 @@ _RESPONSE_DEFAULTS = response_pb2.Response(
     top_logprobs=0,
 )
 _RESPONSE_FIELDS = response_pb2.Response.DESCRIPTOR.fields_by_name
+
+
+def _type_name(field: FieldDescriptor) -> str | None:
+    """The message type a field holds (a map: none, its entries are each message's own)."""
+    if field.message_type is None or field.message_type.GetOptions().map_entry:
+        return None
+    return str(field.message_type.full_name)
+
+
 # The request's settings that the response reports (both messages name them alike), by how they
 # are copied: a scalar is assigned, a message replaces the default, a list or map is extended.
 _REPORTED_SETTINGS: dict[str, str] = {
@@ -527,6 +571,8 @@ _REPORTED_SETTINGS: dict[str, str] = {
     )
     for field in service_pb2.CreateResponseRequest.DESCRIPTOR.fields
     if field.name in _RESPONSE_FIELDS
+    # Reported as given only where both messages hold the same type (not `conversation`).
+    and _type_name(field) == _type_name(_RESPONSE_FIELDS[field.name])
 }
 
 
@@ -552,6 +598,8 @@ def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb
         response.status = response_pb2.RESPONSE_STATUS_IN_PROGRESS
     if not response.text.format.WhichOneof("format"):
         response.text.format.text.SetInParent()
+    if request.HasField("conversation"):
+        response.conversation.id = conversation_id(request)
     if not response.text.HasField("verbosity"):
         response.text.verbosity = response_pb2.VERBOSITY_MEDIUM
     for tool in response.tools:

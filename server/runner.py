@@ -54,6 +54,7 @@ from venna.server.builder import ENCRYPTED_REASONING, UNFINISHED, Event, Respons
 from venna.server.execution import Execution
 from venna.server.generation import generation_request
 from venna.server.routing import Router
+from venna.server.turns import append_turn
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +438,7 @@ class BackgroundRunner:
                 finished=True,
                 lease=self.lease,
             ):
+                await append_turn(self._store, live.workspace_id, live.builder.response)
                 live.publish(live.terminal)
             else:
                 log.info("background response %s was taken over or deleted before its end", live.response_id)

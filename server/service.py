@@ -65,6 +65,7 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
             self.creation.abandoned(run)
             raise
         await self.creation.save(run)
+        await self.creation.extend_conversation(run)
         if execution.error is not None:
             raise errors.from_backend(execution.error, run.builder.response.id)
         if run.builder.expose_encrypted:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -183,6 +183,19 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
         _check_enum_values("reasoning", request.reasoning, add)
     if request.HasField("venice_parameters"):
         _check_enum_values("venice_parameters", request.venice_parameters, add)
+    if request.HasField("conversation"):
+        choice = request.conversation
+        named = choice.id if choice.WhichOneof("conversation") == "id" else choice.ref.id
+        if not named:
+            add(Violation("conversation", "Invalid 'conversation': expected a conversation id."))
+        if request.HasField("previous_response_id"):
+            add(
+                Violation(
+                    "conversation",
+                    "'conversation' and 'previous_response_id' cannot be used together: a response"
+                    " continues one or the other.",
+                )
+            )
     if request.background and request.HasField("store") and not request.store:
         add(
             Violation(
@@ -201,17 +214,38 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
 
 _Add = Callable[[Violation], None]
 
+# At most this many items go into a conversation per call, as OpenAI allows.
+MAX_CONVERSATION_ITEMS = 20
+
+
+def validate_conversation_items(
+    items: Sequence[response_pb2.Item], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Raises INVALID_ARGUMENT for items (and metadata) a conversation cannot take."""
+    violations: list[Violation] = []
+    add = violations.append
+    if metadata is not None:
+        check_metadata(metadata, add)
+    if len(items) > MAX_CONVERSATION_ITEMS:
+        add(Violation("items", f"Invalid 'items': at most {MAX_CONVERSATION_ITEMS} items, got {len(items)}."))
+    _check_items(items, add, "items")
+    raise_if_any(violations)
+
 
 def _check_metadata(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
-    if len(request.metadata) > MAX_METADATA_PAIRS:
+    check_metadata(request.metadata, add)
+
+
+def check_metadata(metadata: Mapping[str, str], add: _Add) -> None:
+    """Metadata within OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512."""
+    if len(metadata) > MAX_METADATA_PAIRS:
         add(
             Violation(
                 "metadata",
-                f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} pairs are allowed,"
-                f" got {len(request.metadata)}.",
+                f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} pairs are allowed, got {len(metadata)}.",
             )
         )
-    for key, value in request.metadata.items():
+    for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY:
             add(
                 Violation(
@@ -275,41 +309,45 @@ def _check_venice(venice: service_pb2.VeniceParameters, add: _Add) -> None:
 
 
 def _check_input(request: service_pb2.CreateResponseRequest, add: _Add) -> None:
-    for index, item in enumerate(request.input):
+    _check_items(request.input, add, "input")
+
+
+def _check_items(items: Sequence[response_pb2.Item], add: _Add, field: str) -> None:
+    for index, item in enumerate(items):
         kind = item.WhichOneof("item")
         if kind == "message":
             message = item.message
             if message.role == response_pb2.ROLE_UNSPECIFIED:
-                add(Violation(f"input[{index}].role", f"Missing 'input[{index}].role'.", MISSING))
+                add(Violation(f"{field}[{index}].role", f"Missing '{field}[{index}].role'.", MISSING))
             for part_index, part in enumerate(message.content):
                 part_kind = part.WhichOneof("part")
                 if part_kind is None:
-                    where = f"input[{index}].content[{part_index}]"
+                    where = f"{field}[{index}].content[{part_index}]"
                     add(Violation(where, f"Invalid '{where}': the content part has no type."))
                 elif part_kind == "input_image" and not (
                     part.input_image.HasField("image_url") or part.input_image.HasField("file_id")
                 ):
                     add(
                         Violation(
-                            f"input[{index}].content[{part_index}]",
+                            f"{field}[{index}].content[{part_index}]",
                             "An input_image needs 'image_url' or 'file_id'.",
                         )
                     )
         elif kind is None:
-            add(Violation(f"input[{index}]", f"Invalid 'input[{index}]': the item has no type."))
+            add(Violation(f"{field}[{index}]", f"Invalid '{field}[{index}]': the item has no type."))
         elif kind == "function_call":
             call = item.function_call
             if not call.call_id:
-                add(Violation(f"input[{index}].call_id", f"Missing 'input[{index}].call_id'.", MISSING))
+                add(Violation(f"{field}[{index}].call_id", f"Missing '{field}[{index}].call_id'.", MISSING))
             if not call.name:
-                add(Violation(f"input[{index}].name", f"Missing 'input[{index}].name'.", MISSING))
+                add(Violation(f"{field}[{index}].name", f"Missing '{field}[{index}].name'.", MISSING))
         elif kind == "function_call_output":
             if not item.function_call_output.call_id:
-                add(Violation(f"input[{index}].call_id", f"Missing 'input[{index}].call_id'.", MISSING))
+                add(Violation(f"{field}[{index}].call_id", f"Missing '{field}[{index}].call_id'.", MISSING))
         elif kind == "item_reference" and not item.item_reference.id:
-            add(Violation(f"input[{index}].id", f"Missing 'input[{index}].id'.", MISSING))
+            add(Violation(f"{field}[{index}].id", f"Missing '{field}[{index}].id'.", MISSING))
         elif kind == "compaction" and decode_summary(item.compaction.encrypted_content) is None:
-            where = f"input[{index}].encrypted_content"
+            where = f"{field}[{index}].encrypted_content"
             add(
                 Violation(
                     where,

@@ -546,7 +546,7 @@ def test_null_is_not_given(http: httpx.Client, request_body: dict[str, Any]) -> 
 
 
 def test_unsupported_parameters_are_refused_by_name(http: httpx.Client) -> None:
-    for name, value in (("prompt", {"id": "pmpt_1"}), ("conversation", "conv_1")):
+    for name, value in (("prompt", {"id": "pmpt_1"}), ("moderation", {"input": True})):
         err = error(http.post("/responses", json={"model": "echo", "input": "x", name: value}), 400)
         assert (err["param"], err["code"]) == (name, "unsupported_parameter")
 

@@ -124,7 +124,7 @@ async def test_a_key_revoked_elsewhere_is_refused_within_a_second(postgres_url: 
 
 async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: Path) -> None:
     """`venna db copy`: what a SQLite-backed server stored is served from PostgreSQL after the
-    copy: responses, chains, input items, background streams, keys and usage."""
+    copy: responses, chains, input items, background streams, keys, usage and conversations."""
     sqlite_file = tmp_path / "venna.db"
     key = create_key(sqlite_file, "alpha")
     revoked_key = create_key(sqlite_file, "alpha")
@@ -147,7 +147,15 @@ async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: P
             while (await http.get(f"/responses/{queued['id']}")).json()["status"] != "completed":
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
-            ids = {"first": first["id"], "second": second["id"], "queued": queued["id"]}
+            conversation = (
+                await http.post("/conversations", json={"items": [{"role": "user", "content": "kept"}]})
+            ).json()
+            ids = {
+                "first": first["id"],
+                "second": second["id"],
+                "queued": queued["id"],
+                "conversation": conversation["id"],
+            }
     listing = venna_cli("keys", "list", "--db", str(sqlite_file))
     revoked_id = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("key_")][1]
     assert venna_cli("keys", "revoke", revoked_id, "--db", str(sqlite_file)).returncode == 0
@@ -182,6 +190,12 @@ async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: P
                 f"/responses/{ids['first']}", headers={"authorization": f"Bearer {revoked_key}"}
             )
             assert refused.status_code == 401
+            in_conversation = (
+                await http.post(
+                    "/responses", json={"model": "echo", "input": "more", "conversation": ids["conversation"]}
+                )
+            ).json()
+            assert in_conversation["usage"]["input_tokens"] == 2  # "kept", copied, then "more"
 
 
 def test_copy_refuses_what_it_cannot_do(postgres_url: str, tmp_path: Path) -> None:

@@ -57,6 +57,9 @@ _TABLES: list[tuple[str, tuple[str, ...], str]] = [
         ),
         "workspace_id, created_at, response_id",
     ),
+    ("conversations", ("id", "workspace_id", "created_at", "body"), "rowid"),
+    # Copied in their order: the target numbers them anew, in the same order.
+    ("conversation_items", ("conversation_id", "item_id", "body"), "seq"),
 ]
 # Columns whose SQLite integers are PostgreSQL booleans.
 _BOOLEANS = {("responses", "background")}
