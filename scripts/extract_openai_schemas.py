@@ -54,7 +54,19 @@ SPEC_COMMIT = "f85dbe223d40e1a31cba812ab2d755c7e98a92a3"
 # sha256 of openapi.yaml at each commit this script has been run against: guards the provenance record.
 KNOWN_SHA256 = {SPEC_COMMIT: "db5d7478feae10b4d331834c60d9765a8aa042e38419f9b1694288c11aa8ebc8"}
 
-ROOTS = ("Response", "ResponseStreamEvent", "ResponseItemList", "ErrorResponse", "CreateResponse")
+ROOTS = (
+    "Response",
+    "ResponseStreamEvent",
+    "ResponseItemList",
+    "ErrorResponse",
+    "CreateResponse",
+    "ConversationResource",
+    "DeletedConversationResource",
+    "ConversationItemList",
+    "ConversationItem",
+    "CompactResource",
+    "TokenCountsResource",
+)
 EVENT_UNION = "ResponseStreamEvent"
 SPEC_REF_PREFIX = "#/components/schemas/"
 FIXTURE_REF_PREFIX = "#/schemas/"

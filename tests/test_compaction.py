@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import error_info, serving
 from tests.fake_venice import FakeVenice
 from tests.http_harness import HttpVenna, running
-from tests.openai_schema import validate_open_responses, validate_response, validate_stream_event
+from tests.openai_schema import validate, validate_open_responses, validate_response, validate_stream_event
 from tests.test_chat_backend import chat_stream
 from venna.backends.base import Backend
 from venna.backends.echo import EchoBackend
@@ -62,6 +62,7 @@ def test_compacting_keeps_the_user_messages_and_summarizes_everything(http_venna
     assert reply.status_code == 200, reply.text
     compacted = reply.json()
     validate_open_responses(compacted, "CompactResource")
+    validate(compacted, "CompactResource")
     assert compacted["object"] == "response.compaction"
     *kept, item = compacted["output"]
     assert [message["content"][0]["text"] for message in kept] == ["plan the launch", "and the budget"]

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import error_info, serving
 from tests.http_harness import TRANSPORTS, HttpVenna, running
-from tests.openai_schema import validate_response
+from tests.openai_schema import validate, validate_response
 from venna.responses.v1 import conversations_pb2, conversations_pb2_grpc
 
 
@@ -204,3 +204,30 @@ async def test_conversations_over_grpc(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
             await stub.GetConversation(conversations_pb2.GetConversationRequest(conversation_id=made.id))
         assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_every_route_answers_in_openais_shape(http_venna: HttpVenna) -> None:
+    """The raw bodies, validated against OpenAI's published schemas (the SDK is lenient)."""
+    with httpx.Client(
+        base_url=http_venna.base_url, headers={"authorization": f"Bearer {http_venna.alpha}"}, timeout=10
+    ) as http:
+        made = http.post("/conversations", json={"items": [{"role": "user", "content": "hi"}]}).json()
+        validate(made, "ConversationResource")
+        validate(http.get(f"/conversations/{made['id']}").json(), "ConversationResource")
+        validate(
+            http.post(f"/conversations/{made['id']}", json={"metadata": {"a": "b"}}).json(),
+            "ConversationResource",
+        )
+        added = http.post(
+            f"/conversations/{made['id']}/items", json={"items": [{"role": "user", "content": "x"}]}
+        )
+        validate(added.json(), "ConversationItemList")
+        listed = http.get(f"/conversations/{made['id']}/items").json()
+        validate(listed, "ConversationItemList")
+        item = http.get(f"/conversations/{made['id']}/items/{listed['first_id']}").json()
+        validate(item, "ConversationItem")
+        validate(
+            http.delete(f"/conversations/{made['id']}/items/{listed['first_id']}").json(),
+            "ConversationResource",
+        )
+        validate(http.delete(f"/conversations/{made['id']}").json(), "DeletedConversationResource")

@@ -92,6 +92,7 @@ def test_without_a_model_the_count_is_the_documented_estimate(http_venna: HttpVe
     assert reply.status_code == 200, reply.text
     expected = TOKENS_PER_REQUEST + TOKENS_PER_ITEM + math.ceil(len(text) / CHARACTERS_PER_TOKEN)
     assert reply.json() == {"object": "response.input_tokens", "input_tokens": expected, "estimated": True}
+    validate(reply.json(), "TokenCountsResource")
 
 
 def test_an_upstream_is_asked_its_own_count(http_venna: HttpVenna, fake: FakeVenice) -> None:
