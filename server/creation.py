@@ -600,10 +600,18 @@ def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb
         response.text.format.text.SetInParent()
     if request.HasField("conversation"):
         response.conversation.id = conversation_id(request)
+    report_defaults(response)
+    return response
+
+
+def report_defaults(response: response_pb2.Response) -> None:
+    """Settings a response reports at their defaults, never null, as OpenAI does and Open
+    Responses requires; also applied to responses stored before they were reported."""
     if not response.text.HasField("verbosity"):
         response.text.verbosity = response_pb2.VERBOSITY_MEDIUM
+    if not response.HasField("top_logprobs"):
+        response.top_logprobs = 0
     for tool in response.tools:
-        # Reported as OpenAI reports it: with its default, never null (the schema allows no null).
         kind = tool.WhichOneof("tool")
         if kind in ("web_search", "web_search_preview"):
             search = getattr(tool, kind)
@@ -611,5 +619,4 @@ def _initial_response(request: service_pb2.CreateResponseRequest) -> response_pb
                 search.search_context_size = response_pb2.SEARCH_CONTEXT_SIZE_MEDIUM
     json_schema = response.text.format.json_schema
     if response.text.format.HasField("json_schema") and not json_schema.HasField("strict"):
-        json_schema.strict = False  # OpenAI's default, reported as a boolean as Open Responses requires
-    return response
+        json_schema.strict = False

@@ -22,7 +22,7 @@ from venna.server.builder import (
     terminal_event,
     without_encrypted_reasoning,
 )
-from venna.server.creation import Creation
+from venna.server.creation import Creation, report_defaults
 from venna.server.execution import Execution
 from venna.server.runner import BackgroundRunner, LiveResponse
 from venna.server.validation import Violation, check_include, raise_if_any
@@ -270,9 +270,10 @@ class ResponsesService(service_pb2_grpc.ResponsesServiceServicer):
         except UnreadableRecord as error:
             # Failed, as far as anyone can tell: what a response that cannot be read answers.
             self._report_unreadable(response_id, "stored response")
-            return unreadable_response(response_id, error.created_at, background=error.background)
+            response = unreadable_response(response_id, error.created_at, background=error.background)
         if response is None:
             raise errors.response_not_found(response_id)
+        report_defaults(response)  # a response stored before they were reported has none
         return response
 
     def _report_unreadable(self, response_id: str, what: str) -> None:

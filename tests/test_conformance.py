@@ -7,6 +7,7 @@ SSE error event, which each document shapes differently.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from venna.backends import base
 from venna.backends.responses import ResponsesUpstream
 from venna.backends.responses.chat import chat_request
 from venna.backends.responses.requests import upstream_request
+from venna.backends.store import open_store
 from venna.gateway_http.client import CallError
 from venna.gateway_http.codec import Codec
 from venna.gateway_http.sse import EventStreams
@@ -217,3 +219,49 @@ def test_a_choice_with_nothing_but_its_type_is_kept(
     for key in path[1:]:
         expected = expected[key]
     assert reported == expected
+
+
+def test_a_response_stored_before_the_defaults_were_reported_reads_with_them(
+    http: httpx.Client, http_venna: HttpVenna
+) -> None:
+    """A stored response without the settings Open Responses requires (an older release stored
+    it) is read back with their defaults, valid under both schemas."""
+
+    async def store_an_old_one() -> str:
+        store = open_store(http_venna.db_path)
+        await store.open()
+        try:
+            workspace_id = await store.authenticate(http_venna.alpha)
+            assert workspace_id is not None
+            old = response_pb2.Response(
+                id="resp_stored_long_ago",
+                object="response",
+                created_at=1_700_000_000,
+                status=response_pb2.RESPONSE_STATUS_COMPLETED,
+                model="echo",
+                store=True,
+                parallel_tool_calls=True,
+                temperature=1.0,
+                top_p=1.0,
+                service_tier=response_pb2.SERVICE_TIER_AUTO,
+                tool_choice=response_pb2.ToolChoice(mode=response_pb2.TOOL_CHOICE_MODE_AUTO),
+                text=response_pb2.TextConfig(
+                    format=response_pb2.TextFormat(text=response_pb2.TextFormatText())
+                ),
+                truncation=response_pb2.TRUNCATION_DISABLED,
+                usage=response_pb2.Usage(
+                    input_tokens=1,
+                    output_tokens=1,
+                    total_tokens=2,
+                    input_tokens_details=response_pb2.InputTokensDetails(),
+                    output_tokens_details=response_pb2.OutputTokensDetails(),
+                ),
+            )
+            await store.create_response(workspace_id, old, [], finished=True)
+            return old.id
+        finally:
+            await store.close()
+
+    stored_id = asyncio.run(store_an_old_one())
+    read = body(http.get(f"/responses/{stored_id}"), "Response")  # validated against both
+    assert (read["text"]["verbosity"], read["top_logprobs"]) == ("medium", 0)
