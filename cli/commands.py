@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 import venna
 from venna.backends.store import (
     ResponseStore,
@@ -114,6 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("VENNA_BACKGROUND_CONCURRENCY", str(DEFAULTS.background_concurrency)),
         metavar="N",
         help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
+    )
+    serve_command.add_argument(
+        "--metrics-listen",
+        default=_env("VENNA_METRICS_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="also serve GET /metrics on this address, for deployments without the HTTP shim "
+        "(env VENNA_METRICS_LISTEN; the shim serves /metrics on its own port)",
     )
     serve_command.add_argument(
         "--lease-seconds",
@@ -399,7 +408,10 @@ def check_listen(flag: str, address: str) -> None:
 
 
 async def serve(
-    config: ServerConfig, http_listen: str | None, http_limits: ConnectionLimits = DEFAULT_LIMITS
+    config: ServerConfig,
+    http_listen: str | None,
+    http_limits: ConnectionLimits = DEFAULT_LIMITS,
+    metrics_listen: str = "",
 ) -> None:
     """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down
     gracefully. Whatever stops it from starting (a taken port, a database it cannot open, a bad
@@ -407,6 +419,8 @@ async def serve(
     check_listen("--grpc-listen", config.grpc_listen)
     if http_listen:
         check_listen("--http-listen", http_listen)
+    if metrics_listen:
+        check_listen("--metrics-listen", metrics_listen)
     try:
         server = VennaServer(config)
     except StoreUnavailable as error:
@@ -429,6 +443,7 @@ async def serve(
             create_app(
                 InProcessClient(server.handler, check_key=server.authenticator.verify),
                 max_body_bytes=config.max_request_bytes,
+                metrics=server.metrics.exposition,
             ),
             http_listen,
             config.shutdown_grace,
@@ -439,6 +454,18 @@ async def serve(
         except OSError as error:
             await server.stop(0)
             raise SettingError(f"--http-listen {error}") from None
+    exporter = None
+    if metrics_listen:
+        host, port = split_address(metrics_listen)
+        try:
+            exporter, _ = start_http_server(port, addr=host, registry=server.metrics.registry)
+        except OSError as error:
+            await server.stop(0)
+            if http is not None:
+                await http.stop()
+            raise SettingError(
+                f"--metrics-listen {metrics_listen}: cannot listen ({error.strerror or error})"
+            ) from None
     where = f", HTTP on http://{http.address}/v1" if http else ""
     _freeze_startup_objects()
     print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}", flush=True)
@@ -446,6 +473,8 @@ async def serve(
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
     await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
     await server.close()
+    if exporter is not None:
+        exporter.shutdown()
 
 
 async def serve_http(
@@ -564,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             else:
                 config, limits = _serve_config(options), _http_limits(options)
-                asyncio.run(serve(config, None if options.no_http else options.http_listen, limits))
+                http_listen = None if options.no_http else options.http_listen
+                asyncio.run(serve(config, http_listen, limits, options.metrics_listen))
         except (SettingError, ValueError) as error:
             # A setting it cannot start with: one line, the status of a usage error.
             print(f"venna: {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_KEEPALIVE_SECONDS = 15.0
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # Where WebSocket mode is served: the path of POST /v1/responses, as OpenAI serves it.
 WEBSOCKET_PATH = "/v1/responses"
 
@@ -67,8 +68,11 @@ class ResponsesHttpApp:
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.client = client
+        # The server's metrics in Prometheus' text format, served at GET /metrics when given.
+        self.metrics = metrics
         self.codec = Codec()
         self.streams = EventStreams(self.codec, keepalive_seconds)
         self.max_body_bytes = max_body_bytes
@@ -92,6 +96,7 @@ class ResponsesHttpApp:
             *self._routes,
             WebSocketRoute(WEBSOCKET_PATH, websocket.serve),
             Route("/healthz", self._health, methods=["GET"]),
+            *([Route("/metrics", self._metrics, methods=["GET"])] if self.metrics is not None else []),
             Route("/v1/{rest:path}", self._unrouted, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
         return Starlette(
@@ -224,6 +229,10 @@ class ResponsesHttpApp:
     async def _sse(self, method: MethodDescriptor, message: Message, metadata: Metadata) -> Response:
         """An SSE response, or a JSON error if the stream fails before its first event."""
         return await self.streams.response(self.client.stream(method, message, metadata))
+
+    async def _metrics(self, request: Request) -> Response:
+        assert self.metrics is not None
+        return Response(self.metrics(), media_type=PROMETHEUS_TEXT)
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -29,6 +29,7 @@ from venna.responses.v1 import (
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
 from venna.server.conversations import ConversationsService
 from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH, Creation
+from venna.server.metrics import Metrics
 from venna.server.models import ModelsService
 from venna.server.routing import Router, default_router
 from venna.server.runner import BackgroundRunner
@@ -172,6 +173,10 @@ class VennaServer:
             max_chain_depth=config.max_chain_depth,
             max_background_per_workspace=config.max_background_per_workspace,
         )
+        self.metrics = Metrics()
+        self.metrics.watch_background(self.runner.counts)
+        creation.on_finished(self.metrics.count_usage)
+        self.runner.on_finished(self.metrics.count_usage)
         self.service = ResponsesService(self.store, self.runner, creation)
         self.usage = UsageService(self.store)
         self.models = ModelsService(self.router)
@@ -200,7 +205,9 @@ class VennaServer:
         }
         for service, handlers in recorder.services.items():
             wrapped = {
-                name: self.authenticator.wrap(handler, checks.get((service, name)))
+                name: self.metrics.wrap(
+                    service, name, self.authenticator.wrap(handler, checks.get((service, name)))
+                )
                 for name, handler in handlers.items()
             }
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))

@@ -26,6 +26,7 @@ import grpc.aio
 
 from venna.backends.store import ResponseStore
 from venna.server.errors import ServiceError
+from venna.server.metrics import ABORTED_WITH
 
 log = logging.getLogger(__name__)
 
@@ -347,4 +348,5 @@ def _internal() -> ServiceError:
 
 async def _abort(context: Context, error: ServiceError) -> None:
     status = error.to_status()
+    ABORTED_WITH.set(status.code)
     await context.abort(status.code, status.details, status.trailing_metadata)

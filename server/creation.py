@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -94,6 +94,7 @@ class Creation:
         self._admitting: dict[str, int] = {}
         # Writes that must outlive a cancelled call.
         self._detached: set[asyncio.Task[None]] = set()
+        self._finished_listeners: list[Callable[[str, response_pb2.Response], None]] = []
 
     async def prepare(self, request: service_pb2.CreateResponseRequest, *, quiet: bool = False) -> Run:
         """Validates a create request and gathers everything its run needs; stores nothing.
@@ -218,6 +219,8 @@ class Creation:
             usage=usage,
         )
         await self._store.record_usage(workspace_id, billed)
+        for listener in self._finished_listeners:
+            listener(workspace_id, billed)
         return service_pb2.CompactResponseResponse(
             id=billed.id,
             object="response.compaction",
@@ -437,10 +440,17 @@ class Creation:
         except UnreadableRecord:
             return True
 
+    def on_finished(self, listener: Callable[[str, response_pb2.Response], None]) -> None:
+        """``listener(workspace_id, response)`` for each foreground response finished here, and
+        for each compaction pass (its usage)."""
+        self._finished_listeners.append(listener)
+
     def _write(self, run: Run) -> Awaitable[object]:
         """Queues the final write of a finished response; await it to know it is stored."""
         run.saved = True
         response = run.builder.response
+        for listener in self._finished_listeners:
+            listener(run.workspace_id, response)
         if run.stored and not run.announced:
             return self._store.create_response(run.workspace_id, response, run.input_items, finished=True)
         if run.stored:

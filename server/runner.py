@@ -45,7 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from venna.backends import base
 from venna.backends.store import UNREADABLE_MESSAGE, Lease, PendingResponse, ResponseStore, UnreadableRecord
@@ -137,6 +137,8 @@ class BackgroundRunner:
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._live: dict[str, LiveResponse] = {}
+        # Told of every response this runner finished and stored (usage metrics).
+        self._finished_listeners: list[Callable[[str, response_pb2.Response], None]] = []
         # Live responses (queued or running here) per workspace.
         self._per_workspace: collections.Counter[str] = collections.Counter()
         # This process's hold on what it runs; a new owner name at each start.
@@ -167,6 +169,20 @@ class BackgroundRunner:
     def active(self, workspace_id: str) -> int:
         """How many background responses of the workspace this process has queued or running."""
         return self._per_workspace[workspace_id]
+
+    def on_finished(self, listener: Callable[[str, response_pb2.Response], None]) -> None:
+        """``listener(workspace_id, response)`` for each response finished and stored here."""
+        self._finished_listeners.append(listener)
+
+    def counts(self) -> dict[str, int]:
+        """The background responses this process holds, by state (queued or running)."""
+        counts = {"queued": 0, "running": 0}
+        for live in self._live.values():
+            if live.builder.response.status == response_pb2.RESPONSE_STATUS_QUEUED:
+                counts["queued"] += 1
+            elif not live.builder.finished:
+                counts["running"] += 1
+        return counts
 
     def live(self, workspace_id: str, response_id: str) -> LiveResponse | None:
         live = self._live.get(response_id)
@@ -439,6 +455,8 @@ class BackgroundRunner:
                 lease=self.lease,
             ):
                 await append_turn(self._store, live.workspace_id, live.builder.response)
+                for listener in self._finished_listeners:
+                    listener(live.workspace_id, live.builder.response)
                 live.publish(live.terminal)
             else:
                 log.info("background response %s was taken over or deleted before its end", live.response_id)

@@ -58,7 +58,10 @@ class HttpVenna(LoopThread):
             client = ChannelClient(channel)
         else:
             client = InProcessClient(server.handler, check_key=server.authenticator.verify)
-        options: dict[str, object] = {"keepalive_seconds": self.keepalive_seconds}
+        options: dict[str, object] = {
+            "keepalive_seconds": self.keepalive_seconds,
+            "metrics": server.metrics.exposition,
+        }
         if self.max_body_bytes is not None:
             options["max_body_bytes"] = self.max_body_bytes
         http = HttpServer(

@@ -1,0 +1,174 @@
+"""Prometheus metrics of one server: calls by RPC and status, their latency, open streams,
+background work, and tokens by workspace and model.
+
+Each server has a registry of its own (several may run in one process, in tests), exposed by the
+HTTP shim at ``GET /metrics`` and, for deployments without the shim, on ``--metrics-listen``.
+Calls are counted where every handler is wrapped, so a call made through the shim in process
+counts exactly as one made over a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from venna.responses.v1 import response_pb2
+
+# The status a handler aborted its call with (set where calls are aborted; the call's own
+# context, so the wrapper around the handler reads it after the handler returns or raises).
+ABORTED_WITH: ContextVar[grpc.StatusCode | None] = ContextVar("venna_aborted_with", default=None)
+
+# Latency buckets (seconds): from a cached read to a long generation.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+_Unary = Callable[[Any, Any], Any]
+_Stream = Callable[[Any, Any], AsyncIterator[Any]]
+
+
+class _BackgroundCollector(Collector):
+    """Background responses of this process by state, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "venna_background_responses",
+            "Background responses held by this process, by state",
+            labels=["state"],
+        )
+        for state, count in sorted(self._counts().items()):
+            family.add_metric([state], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "venna_rpc_calls",
+            "Calls finished, by service, method and gRPC status code",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "venna_rpc_duration_seconds",
+            "Time from a call's start to its end (a stream's last event), by service and method",
+            ["service", "method"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "venna_rpc_open_streams",
+            "Server-streaming calls in progress, by method",
+            ["method"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "venna_tokens",
+            "Tokens of finished responses, by workspace id, model and kind (input or output)",
+            ["workspace", "model", "kind"],
+            registry=self.registry,
+        )
+
+    def watch_background(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_BackgroundCollector(counts))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    def count_usage(self, workspace_id: str, response: response_pb2.Response) -> None:
+        if not response.HasField("usage"):
+            return
+        usage = response.usage
+        self.tokens.labels(workspace_id, response.model, "input").inc(usage.input_tokens)
+        self.tokens.labels(workspace_id, response.model, "output").inc(usage.output_tokens)
+
+    def wrap(
+        self, service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` counted and timed."""
+        short = service.rsplit(".", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(short, method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(short, method, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        raise TypeError("only unary and server-streaming methods are counted")
+
+    def _finish(self, service: str, method: str, started: float, error: BaseException | None) -> None:
+        self.latency.labels(service, method).observe(time.perf_counter() - started)
+        if error is None:
+            code = grpc.StatusCode.OK
+        else:
+            aborted = ABORTED_WITH.get()
+            code = aborted if aborted is not None else _code_of(error)
+        self.calls.labels(service, method, code.name).inc()
+
+    def _unary(self, service: str, method: str, behavior: _Unary) -> _Unary:
+        async def unary(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            ABORTED_WITH.set(None)
+            try:
+                result = await behavior(request, context)
+            except BaseException as error:
+                self._finish(service, method, started, error)
+                raise
+            self._finish(service, method, started, None)
+            return result
+
+        return unary
+
+    def _stream(self, service: str, method: str, behavior: _Stream) -> _Stream:
+        gauge = self.open_streams.labels(method)
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            ABORTED_WITH.set(None)
+            gauge.inc()
+            error: BaseException | None = None
+            try:
+                async for event in behavior(request, context):
+                    yield event
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                gauge.dec()
+                self._finish(service, method, started, error)
+
+        return stream
+
+
+def _code_of(error: BaseException) -> grpc.StatusCode:
+    """The status of a call that ended by ``error`` without aborting: a client that left (or
+    a generator closed early) is CANCELLED, anything else UNKNOWN."""
+    code = getattr(error, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if callable(code):
+        try:
+            called = code()
+        except Exception:
+            called = None
+        if isinstance(called, grpc.StatusCode):
+            return called
+    if isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN

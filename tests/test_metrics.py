@@ -1,0 +1,124 @@
+"""``GET /metrics``: the server's Prometheus metrics, read with prometheus-client's own parser,
+moving with traffic: calls by method and status, latency, open streams, background work, and
+tokens by workspace and model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.http_harness import HttpVenna, running
+from tests.test_process import client_for, running_server, venna_command
+from tests.test_venice_backend import free_port
+
+
+@pytest.fixture
+def http_venna(tmp_path: Path) -> Iterator[HttpVenna]:
+    yield from running(HttpVenna(tmp_path / "venna.db"))
+
+
+def scrape(venna: HttpVenna) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of GET /metrics, by name and labels."""
+    reply = httpx.get(venna.base_url.removesuffix("/v1") + "/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_traffic(http_venna: HttpVenna) -> None:
+    headers = {"authorization": f"Bearer {http_venna.alpha}"}
+    before = scrape(http_venna)
+    created = httpx.post(
+        f"{http_venna.base_url}/responses", json={"model": "echo", "input": "one two three"}, headers=headers
+    )
+    assert created.status_code == 200
+    with httpx.stream(
+        "POST",
+        f"{http_venna.base_url}/responses",
+        json={"model": "echo:delay_ms=300", "input": "four five", "stream": True},
+        headers=headers,
+    ) as streamed:
+        assert streamed.status_code == 200
+        during = scrape(http_venna)
+        list(streamed.iter_lines())
+    missing = httpx.get(f"{http_venna.base_url}/responses/resp_nope", headers=headers)
+    assert missing.status_code == 404
+    refused = httpx.get(f"{http_venna.base_url}/responses/resp_nope")
+    assert refused.status_code == 401
+    after = scrape(http_venna)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    service = "ResponsesService"
+    assert grew("venna_rpc_calls_total", service=service, method="CreateResponse", code="OK") == 1
+    assert grew("venna_rpc_calls_total", service=service, method="StreamResponse", code="OK") == 1
+    assert grew("venna_rpc_calls_total", service=service, method="GetResponse", code="NOT_FOUND") == 1
+    assert grew("venna_rpc_duration_seconds_count", service=service, method="CreateResponse") == 1
+    assert grew("venna_rpc_duration_seconds_sum", service=service, method="StreamResponse") >= 0.3
+    assert value(during, "venna_rpc_open_streams", method="StreamResponse") == 1
+    assert value(after, "venna_rpc_open_streams", method="StreamResponse") == 0
+    # Tokens are labelled by workspace id; alpha's is the only one with any.
+    (workspace,) = {dict(labels)["workspace"] for (name, labels) in after if name == "venna_tokens_total"}
+    assert grew("venna_tokens_total", workspace=workspace, model="echo", kind="input") == 3
+    assert grew("venna_tokens_total", workspace=workspace, model="echo:delay_ms=300", kind="output") == 2
+
+
+def test_background_work_is_a_gauge(http_venna: HttpVenna) -> None:
+    headers = {"authorization": f"Bearer {http_venna.alpha}"}
+    queued = httpx.post(
+        f"{http_venna.base_url}/responses",
+        json={"model": "echo:delay_ms=50", "input": " ".join(["w"] * 20), "background": True},
+        headers=headers,
+    ).json()
+    assert (
+        value(scrape(http_venna), "venna_background_responses", state="running")
+        + value(scrape(http_venna), "venna_background_responses", state="queued")
+        >= 1
+    )
+    deadline = time.monotonic() + 10
+    while (
+        httpx.get(f"{http_venna.base_url}/responses/{queued['id']}", headers=headers).json()["status"]
+        != "completed"
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.1)
+    assert value(scrape(http_venna), "venna_background_responses", state="running") == 0
+
+
+async def test_a_grpc_only_server_serves_metrics_on_its_own_address(tmp_path: Path) -> None:
+    """`venna serve --no-http --metrics-listen HOST:PORT`: a real process, scraped while it
+    serves gRPC calls."""
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    port = free_port()
+    with running_server(db, "--metrics-listen", f"127.0.0.1:{port}") as (_, address):
+        async with client_for(address, key) as client:
+            await client.create(input="counted once")
+        async with httpx.AsyncClient(timeout=10) as http:
+            reply = await http.get(f"http://127.0.0.1:{port}/metrics")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+    assert (
+        value(
+            samples, "venna_rpc_calls_total", service="ResponsesService", method="CreateResponse", code="OK"
+        )
+        == 1
+    )
