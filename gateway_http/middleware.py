@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -9,18 +10,33 @@ from starlette.types import Message as Message_
 
 from venna.gateway_http.errors import error_response
 
+# A request id a client may choose: short, and nothing a log line could be forged with.
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/=+-]{1,128}")
+# Where the request's id is kept in the ASGI scope, for the shim to pass on to the service.
+REQUEST_ID_KEY = "venna.request_id"
+
 
 class RequestIdMiddleware:
-    """Gives every reply an ``x-request-id``, as OpenAI's API does (SDKs surface it on errors)."""
+    """Gives every reply an ``x-request-id``, as OpenAI's API does (SDKs surface it on errors):
+    the client's own when it sent a sane one, a new one otherwise. The shim carries it to the
+    service in the call's metadata, where the access log records it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = ("req_" + secrets.token_hex(16)).encode()
+        sent = [value for name, value in scope["headers"] if name == b"x-request-id"]
+        if len(sent) == 1 and _CLIENT_REQUEST_ID.fullmatch(sent[0]):
+            request_id = sent[0]
+        else:
+            request_id = ("req_" + secrets.token_hex(16)).encode()
+        scope[REQUEST_ID_KEY] = request_id.decode()
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_id(message: Message_) -> None:
             if message["type"] == "http.response.start":

@@ -13,6 +13,7 @@ from starlette.types import Receive
 
 from venna.gateway_http.client import Metadata
 from venna.gateway_http.errors import BadRequest, quote
+from venna.gateway_http.middleware import REQUEST_ID_KEY
 
 # Bodies larger than this are parsed and decoded in a worker thread, off the event loop.
 OFFLOAD_BYTES = 1024 * 1024
@@ -136,11 +137,14 @@ def forwarded_metadata(request: HTTPConnection) -> Metadata:
             "invalid_authorization_header",
         )
     authorization = authorizations[0] if authorizations else ""
+    request_id: Metadata = ()
+    if REQUEST_ID_KEY in request.scope:
+        request_id = (("x-request-id", str(request.scope[REQUEST_ID_KEY])),)
     if not authorization:
-        return ()
+        return request_id
     # gRPC metadata values are printable ASCII; no valid key is anything else.
     if not (authorization.isascii() and authorization.isprintable()):
         raise BadRequest(
             401, "Invalid API key: the Authorization header is malformed.", None, "invalid_api_key"
         )
-    return (("authorization", authorization),)
+    return (("authorization", authorization), *request_id)

@@ -25,8 +25,7 @@ import grpc
 import grpc.aio
 
 from venna.backends.store import ResponseStore
-from venna.server.errors import ServiceError
-from venna.server.metrics import ABORTED_WITH
+from venna.server.errors import ABORTED_WITH, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,11 @@ RequestCheck = Callable[[Any], None]
 DEFAULT_MAX_CONCURRENT_PER_KEY = 256
 
 _workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspace")
+
+
+def current_workspace() -> str | None:
+    """The calling workspace, or None before (or without) authentication."""
+    return _workspace.get(None)
 
 
 def workspace_id() -> str:

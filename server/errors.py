@@ -8,6 +8,8 @@ without parsing messages.
 
 from __future__ import annotations
 
+import contextvars
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -18,6 +20,12 @@ from venna.backends.base import BackendError, ErrorKind
 DOMAIN = "venna.dev"
 # How much of a client's value an error message quotes.
 QUOTED_CHARS = 64
+
+# The status a handler aborted its call with: set where calls are aborted, in the call's own
+# context, so that a wrapper around the handler (metrics, access log) reads it afterwards.
+ABORTED_WITH: contextvars.ContextVar[grpc.StatusCode | None] = contextvars.ContextVar(
+    "venna_aborted_with", default=None
+)
 
 
 def quoted(value: str, limit: int = QUOTED_CHARS) -> str:

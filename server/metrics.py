@@ -1,5 +1,5 @@
-"""Prometheus metrics of one server: calls by RPC and status, their latency, open streams,
-background work, and tokens by workspace and model.
+"""Prometheus metrics of one server (calls by RPC and status, their latency, open streams,
+background work, tokens by workspace and model) and its access log: one line per call.
 
 Each server has a registry of its own (several may run in one process, in tests), exposed by the
 HTTP shim at ``GET /metrics`` and, for deployments without the shim, on ``--metrics-listen``.
@@ -10,9 +10,9 @@ counts exactly as one made over a socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -21,10 +21,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from venna.responses.v1 import response_pb2
+from venna.server import auth
+from venna.server.errors import ABORTED_WITH
 
-# The status a handler aborted its call with (set where calls are aborted; the call's own
-# context, so the wrapper around the handler reads it after the handler returns or raises).
-ABORTED_WITH: ContextVar[grpc.StatusCode | None] = ContextVar("venna_aborted_with", default=None)
+access_log = logging.getLogger("venna.access")
 
 # Latency buckets (seconds): from a cached read to a long generation.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -112,14 +112,35 @@ class Metrics:
             )
         raise TypeError("only unary and server-streaming methods are counted")
 
-    def _finish(self, service: str, method: str, started: float, error: BaseException | None) -> None:
-        self.latency.labels(service, method).observe(time.perf_counter() - started)
+    def _finish(
+        self,
+        service: str,
+        method: str,
+        started: float,
+        error: BaseException | None,
+        request: Any,
+        context: Any,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        self.latency.labels(service, method).observe(seconds)
         if error is None:
             code = grpc.StatusCode.OK
         else:
             aborted = ABORTED_WITH.get()
             code = aborted if aborted is not None else _code_of(error)
         self.calls.labels(service, method, code.name).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            # Never a key, never content: who, what, how it ended, how long it took.
+            access_log.info(
+                "%s/%s %s %.1fms workspace=%s model=%s request_id=%s",
+                service,
+                method,
+                code.name,
+                seconds * 1000,
+                auth.current_workspace() or "-",
+                getattr(request, "model", "") or "-",
+                _request_id(context) or "-",
+            )
 
     def _unary(self, service: str, method: str, behavior: _Unary) -> _Unary:
         async def unary(request: Any, context: Any) -> Any:
@@ -128,9 +149,9 @@ class Metrics:
             try:
                 result = await behavior(request, context)
             except BaseException as error:
-                self._finish(service, method, started, error)
+                self._finish(service, method, started, error, request, context)
                 raise
-            self._finish(service, method, started, None)
+            self._finish(service, method, started, None, request, context)
             return result
 
         return unary
@@ -151,9 +172,22 @@ class Metrics:
                 raise
             finally:
                 gauge.dec()
-                self._finish(service, method, started, error)
+                self._finish(service, method, started, error, request, context)
 
         return stream
+
+
+def _request_id(context: Any) -> str | None:
+    """The call's ``x-request-id`` metadata (the shim passes on the HTTP request's)."""
+    try:
+        metadata = context.invocation_metadata() or ()
+    except Exception:
+        return None
+    for entry in metadata:
+        key, value = (entry.key, entry.value) if hasattr(entry, "key") else entry
+        if key == "x-request-id":
+            return str(value)[:128]
+    return None
 
 
 def _code_of(error: BaseException) -> grpc.StatusCode:

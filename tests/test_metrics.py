@@ -4,6 +4,7 @@ tokens by workspace and model."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +123,32 @@ async def test_a_grpc_only_server_serves_metrics_on_its_own_address(tmp_path: Pa
         )
         == 1
     )
+
+
+# ------------------------------------------------------------------ request ids and access log
+
+
+def test_a_clients_request_id_is_kept_passed_on_and_logged(
+    http_venna: HttpVenna, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id comes back, reaches the service in the call's metadata and is in the call's access
+    line, with the workspace, the model and the status; the key never is."""
+    caplog.set_level(logging.INFO, logger="venna.access")
+    reply = httpx.post(
+        f"{http_venna.base_url}/responses",
+        json={"model": "echo", "input": "traced"},
+        headers={"authorization": f"Bearer {http_venna.alpha}", "x-request-id": "trace-abc.123"},
+    )
+    assert reply.status_code == 200
+    assert reply.headers["x-request-id"] == "trace-abc.123"
+    lines = [record.getMessage() for record in caplog.records if record.name == "venna.access"]
+    (line,) = [line for line in lines if "request_id=trace-abc.123" in line]
+    assert line.startswith("ResponsesService/CreateResponse OK ")
+    assert "model=echo" in line and "workspace=ws_" in line
+    assert http_venna.alpha not in caplog.text
+
+
+@pytest.mark.parametrize("sent", ["has spaces in it", "x" * 129, "line\\nbreak"])
+def test_an_unusable_request_id_is_replaced(http_venna: HttpVenna, sent: str) -> None:
+    reply = httpx.get(f"{http_venna.base_url}/models", headers={"x-request-id": sent})
+    assert reply.headers["x-request-id"].startswith("req_")
