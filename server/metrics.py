@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -30,7 +31,7 @@ access_log = logging.getLogger("venna.access")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 _Unary = Callable[[Any, Any], Any]
-_Stream = Callable[[Any, Any], AsyncIterator[Any]]
+_Stream = Callable[[Any, Any], AsyncGenerator[Any, None]]
 
 
 class _BackgroundCollector(Collector):
@@ -159,14 +160,17 @@ class Metrics:
     def _stream(self, service: str, method: str, behavior: _Stream) -> _Stream:
         gauge = self.open_streams.labels(method)
 
-        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:
             started = time.perf_counter()
             ABORTED_WITH.set(None)
             gauge.inc()
             error: BaseException | None = None
             try:
-                async for event in behavior(request, context):
-                    yield event
+                # Closed here when the caller stops reading, not later by the collector: the
+                # handler's clean-up (settling a response whose client left) runs at once.
+                async with aclosing(behavior(request, context)) as events:
+                    async for event in events:
+                        yield event
             except BaseException as raised:
                 error = raised
                 raise
