@@ -109,6 +109,7 @@ class _Connection:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
+        turn: asyncio.Task[None] | None = None
         try:
             while True:
                 text = await self.waiting.get()
@@ -129,8 +130,13 @@ class _Connection:
         except WebSocketDisconnect:
             return
         finally:
-            reader.cancel()
-            await asyncio.wait((reader,))
+            # Also when this connection's own task is cancelled (the server stopping): the turn
+            # in progress is stopped with it, never left running for nobody.
+            pending = [task for task in (reader, turn) if task is not None and not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
     async def _read(self) -> None:
         try:
