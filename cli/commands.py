@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 import venna
@@ -116,6 +119,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("VENNA_BACKGROUND_CONCURRENCY", str(DEFAULTS.background_concurrency)),
         metavar="N",
         help="background responses run at once (env VENNA_BACKGROUND_CONCURRENCY)",
+    )
+    serve_command.add_argument(
+        "--drain-seconds",
+        type=_number(float, "VENNA_DRAIN_SECONDS"),
+        default=_env("VENNA_DRAIN_SECONDS", "0"),
+        metavar="SECONDS",
+        help="on SIGTERM, report not ready (health NOT_SERVING, /readyz 503) for this long while "
+        "still serving, before the listeners close (env VENNA_DRAIN_SECONDS; default 0)",
     )
     serve_command.add_argument(
         "--metrics-listen",
@@ -412,6 +423,7 @@ async def serve(
     http_listen: str | None,
     http_limits: ConnectionLimits = DEFAULT_LIMITS,
     metrics_listen: str = "",
+    drain_seconds: float = 0.0,
 ) -> None:
     """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down
     gracefully. Whatever stops it from starting (a taken port, a database it cannot open, a bad
@@ -444,6 +456,7 @@ async def serve(
                 InProcessClient(server.handler, check_key=server.authenticator.verify),
                 max_body_bytes=config.max_request_bytes,
                 metrics=server.metrics.exposition,
+                ready=server.ready,
             ),
             http_listen,
             config.shutdown_grace,
@@ -470,6 +483,9 @@ async def serve(
     _freeze_startup_objects()
     print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}", flush=True)
     await wait_for_signal()
+    if drain_seconds > 0:
+        log.info("draining: reporting not ready for %.1fs before closing", drain_seconds)
+    await server.announce_drain(drain_seconds)
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
     await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
     await server.close()
@@ -487,8 +503,20 @@ async def serve_http(
     """The shim alone, calling a Venna gRPC service over a channel."""
     check_listen("--http-listen", http_listen)
     channel = open_channel(grpc_target)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def target_serving() -> bool:
+        """Ready while the gRPC target answers its health check SERVING within a second."""
+        try:
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
     http = HttpServer(
-        create_app(ChannelClient(channel), max_body_bytes=max_body_bytes), http_listen, limits=limits
+        create_app(ChannelClient(channel), max_body_bytes=max_body_bytes, ready=target_serving),
+        http_listen,
+        limits=limits,
     )
     try:
         await http.start()
@@ -594,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 config, limits = _serve_config(options), _http_limits(options)
                 http_listen = None if options.no_http else options.http_listen
-                asyncio.run(serve(config, http_listen, limits, options.metrics_listen))
+                asyncio.run(serve(config, http_listen, limits, options.metrics_listen, options.drain_seconds))
         except (SettingError, ValueError) as error:
             # A setting it cannot start with: one line, the status of a usage error.
             print(f"venna: {error}", file=sys.stderr)

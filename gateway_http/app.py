@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -69,8 +69,11 @@ class ResponsesHttpApp:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS,
         metrics: Callable[[], bytes] | None = None,
+        ready: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
+        # Whether the service behind should get traffic (GET /readyz); without one, always.
+        self.ready = ready
         # The server's metrics in Prometheus' text format, served at GET /metrics when given.
         self.metrics = metrics
         self.codec = Codec()
@@ -96,6 +99,8 @@ class ResponsesHttpApp:
             *self._routes,
             WebSocketRoute(WEBSOCKET_PATH, websocket.serve),
             Route("/healthz", self._health, methods=["GET"]),
+            Route("/livez", self._health, methods=["GET"]),
+            Route("/readyz", self._readiness, methods=["GET"]),
             *([Route("/metrics", self._metrics, methods=["GET"])] if self.metrics is not None else []),
             Route("/v1/{rest:path}", self._unrouted, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
@@ -233,6 +238,11 @@ class ResponsesHttpApp:
     async def _metrics(self, request: Request) -> Response:
         assert self.metrics is not None
         return Response(self.metrics(), media_type=PROMETHEUS_TEXT)
+
+    async def _readiness(self, request: Request) -> Response:
+        if self.ready is None or await self.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

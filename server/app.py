@@ -39,6 +39,9 @@ from venna.server.validation import Limits, check_limits
 
 log = logging.getLogger(__name__)
 
+# How long the store may take to answer a readiness probe's ping.
+READY_STORE_TIMEOUT = 1.0
+
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_name
 USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 MODELS_SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name
@@ -181,7 +184,7 @@ class VennaServer:
         self.usage = UsageService(self.store)
         self.models = ModelsService(self.router)
         self.conversations = ConversationsService(self.store, creation)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped package
+        self.health = _Health()
         self.authenticator = Authenticator(
             self.store, config.key_cache_seconds, config.max_concurrent_per_key
         )
@@ -235,6 +238,8 @@ class VennaServer:
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, opened),))
             self.server.add_registered_method_handlers(service, opened)  # type: ignore[attr-defined]
         self.port = 0
+        self.started = False
+        self.draining = False
 
     async def start(self) -> None:
         await self.store.open(serving=True)
@@ -248,6 +253,7 @@ class VennaServer:
         await self.runner.start()
         for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME, MODELS_SERVICE_NAME, CONVERSATIONS_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.started = True
         log.info("gRPC listening on %s", self.address)
 
     async def handler(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any] | None:
@@ -259,9 +265,30 @@ class VennaServer:
         host = self.config.grpc_listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    async def ready(self) -> bool:
+        """Whether a load balancer should send calls here: started, not draining, and the store
+        answers within a second."""
+        if not self.started or self.draining:
+            return False
+        try:
+            async with asyncio.timeout(READY_STORE_TIMEOUT):
+                await self.store.ping()
+        except Exception:
+            return False
+        return True
+
+    async def announce_drain(self, seconds: float) -> None:
+        """Reports NOT_SERVING (health, /readyz) for ``seconds`` while still serving, so that
+        load balancers stop sending calls before the listeners close."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
     async def drain(self, grace: float | None = None) -> None:
         """Stops taking calls and lets in-flight ones (and background work) finish within ``grace``."""
         grace = self.config.shutdown_grace if grace is None else grace
+        self.draining = True
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), self.runner.shutdown(grace))
         await self.service.drain()
@@ -273,6 +300,20 @@ class VennaServer:
     async def stop(self, grace: float | None = None) -> None:
         await self.drain(grace)
         await self.close()
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]  # untyped package
+    """gRPC health, with ``List`` (the package's asyncio servicer leaves it unimplemented)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        statuses = dict(getattr(self, "_server_status", {}))
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()
+            }
+        )
 
 
 async def wait_for_signal() -> None:

@@ -429,6 +429,11 @@ class ResponseStore(Protocol):
         one total; none for an empty range."""
         ...
 
+    def ping(self) -> Awaitable[None]:
+        """Returns once the store answered a trivial query; raises if it cannot be reached
+        (readiness probes)."""
+        ...
+
     # ------------------------------------------------------------------ lifecycle
 
     def open(self, *, serving: bool = False) -> Awaitable[None]:

@@ -706,6 +706,9 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ usage
 
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
     # ------------------------------------------------------------------ conversations
 
     async def create_conversation(

@@ -220,6 +220,9 @@ class SqliteStore:
         # Only this process uses the file: its own requests are the only ones.
         self._cancelling.append(callback)
 
+    def ping(self) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.ping)
+
     # ------------------------------------------------------------------ conversations
 
     def create_conversation(

@@ -370,6 +370,9 @@ class Store:
             self._conn.execute("DELETE FROM events WHERE response_id = ?", [response_id])
         return True
 
+    def ping(self) -> None:
+        self._conn.execute("SELECT 1").fetchone()
+
     # ------------------------------------------------------------------ conversations
 
     def create_conversation(

@@ -1,0 +1,94 @@
+"""Probes and shutdown, on real ``venna serve`` and ``venna http`` processes: ``/livez``,
+``/readyz`` (not ready while draining, or when the gRPC target is unreachable), the drain delay
+that reports NOT_SERVING while still serving, and gRPC health ``List``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.process_harness import ROOT, create_key, read_startup_line, serving
+from tests.test_venice_backend import free_port
+
+
+async def test_a_serving_process_is_live_and_ready_and_lists_its_health(tmp_path: Path) -> None:
+    with serving(tmp_path / "venna.db", tmp_path / "serve.log") as server:
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(server.http_root + "/livez")).status_code == 200
+            ready = await http.get(server.http_root + "/readyz")
+            assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            listed = await health_pb2_grpc.HealthStub(channel).List(
+                health_pb2.HealthListRequest(), timeout=10
+            )
+        assert listed.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            listed.statuses["venna.responses.v1.ResponsesService"].status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+async def test_sigterm_reports_not_ready_for_the_drain_delay_while_still_serving(tmp_path: Path) -> None:
+    db = tmp_path / "venna.db"
+    key = create_key(db, "alpha")
+    with serving(db, tmp_path / "serve.log", "--drain-seconds", "3", "--shutdown-grace", "1") as server:
+        began = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        async with httpx.AsyncClient(timeout=10) as http:
+            deadline = time.monotonic() + 2
+            while (await http.get(server.http_root + "/readyz")).status_code != 503:
+                assert time.monotonic() < deadline, "never reported not ready"
+            assert (await http.get(server.http_root + "/livez")).status_code == 200
+            # Still serving calls while it drains.
+            answered = await http.post(
+                server.base_url + "/responses",
+                json={"model": "echo", "input": "during the drain"},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert answered.status_code == 200
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert server.process.wait(timeout=15) == 0
+        assert time.monotonic() - began >= 3
+
+
+def test_the_shim_alone_is_ready_only_while_its_grpc_target_serves(tmp_path: Path) -> None:
+    with serving(tmp_path / "venna.db", tmp_path / "serve.log") as server:
+        for target, expected in ((server.grpc_address, 200), (f"127.0.0.1:{free_port()}", 503)):
+            shim = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "venna.cli",
+                    "http",
+                    "--grpc-target",
+                    target,
+                    "--http-listen",
+                    "127.0.0.1:0",
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                line = read_startup_line(shim, 30).decode()
+                root = line.split("HTTP on ")[1].split("/v1")[0]
+                assert httpx.get(root + "/readyz", timeout=10).status_code == expected
+                assert httpx.get(root + "/livez", timeout=10).status_code == 200
+            finally:
+                shim.kill()
+                shim.wait(timeout=10)
+                if shim.stdout is not None:
+                    shim.stdout.close()
