@@ -25,15 +25,11 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def include_dirs() -> list[Path]:
-    """Where protoc finds google/protobuf/* (grpcio-tools) and google/api/* (googleapis)."""
-    import google.api.annotations_pb2 as annotations
+    """Where protoc finds the contract and google/api/* (both in protos/, vendored) and
+    google/protobuf/* (bundled with grpcio-tools' protoc, as with any protoc)."""
     import grpc_tools
 
-    return [
-        PROTO_ROOT,
-        Path(grpc_tools.__file__).parent / "_proto",
-        Path(annotations.__file__).parent.parent.parent,
-    ]
+    return [PROTO_ROOT, Path(grpc_tools.__file__).parent / "_proto"]
 
 
 def _plugin(name: str) -> Path:

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvenna/responses/v1/models.proto\x12\x12venna.responses.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11ListModelsRequest\"M\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x19.venna.responses.v1.Model\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t2\x80\x01\n\rModelsService\x12o\n\nListModels\x12%.venna.responses.v1.ListModelsRequest\x1a&.venna.responses.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/modelsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvenna/responses/v1/models.proto\x12\x12venna.responses.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11ListModelsRequest\"M\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x19.venna.responses.v1.Model\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t2\x80\x01\n\rModelsService\x12o\n\nListModels\x12%.venna.responses.v1.ListModelsRequest\x1a&.venna.responses.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/modelsBK\n\x16\x64\x65v.venna.responses.v1P\x01Z/venna.dev/gen/go/venna/responses/v1;responsesv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'venna.responses.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.venna.responses.v1P\001Z/venna.dev/gen/go/venna/responses/v1;responsesv1'
   _globals['_MODELSSERVICE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_MODELSSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
   _globals['_LISTMODELSREQUEST']._serialized_start=85

@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n venna/responses/v1/options.proto\x12\x12venna.responses.v1\x1a google/protobuf/descriptor.proto:4\n\tjson_type\x12\x1f.google.protobuf.MessageOptions\x18\xb9\x8e\x03 \x01(\t::\n\x11json_default_type\x12\x1d.google.protobuf.OneofOptions\x18\xba\x8e\x03 \x01(\t:8\n\x0fjson_omit_unset\x12\x1d.google.protobuf.FieldOptions\x18\xbc\x8e\x03 \x01(\x08:7\n\njson_value\x12!.google.protobuf.EnumValueOptions\x18\xbb\x8e\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n venna/responses/v1/options.proto\x12\x12venna.responses.v1\x1a google/protobuf/descriptor.proto:4\n\tjson_type\x12\x1f.google.protobuf.MessageOptions\x18\xb9\x8e\x03 \x01(\t::\n\x11json_default_type\x12\x1d.google.protobuf.OneofOptions\x18\xba\x8e\x03 \x01(\t:8\n\x0fjson_omit_unset\x12\x1d.google.protobuf.FieldOptions\x18\xbc\x8e\x03 \x01(\x08:7\n\njson_value\x12!.google.protobuf.EnumValueOptions\x18\xbb\x8e\x03 \x01(\tBK\n\x16\x64\x65v.venna.responses.v1P\x01Z/venna.dev/gen/go/venna/responses/v1;responsesv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'venna.responses.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.venna.responses.v1P\001Z/venna.dev/gen/go/venna/responses/v1;responsesv1'
 # @@protoc_insertion_point(module_scope)
