@@ -98,6 +98,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"HTTP shim address (env VENNA_HTTP_LISTEN; default {DEFAULT_HTTP_LISTEN})",
     )
+    serve_command.add_argument(
+        "--cors-origins",
+        default=_env("VENNA_CORS_ORIGINS", ""),
+        metavar="ORIGINS",
+        help="comma-separated browser origins allowed to call the HTTP API, or * for any "
+        "(env VENNA_CORS_ORIGINS; default none: no CORS)",
+    )
     serve_command.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve_command.add_argument(
         "--config",
@@ -166,6 +173,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("VENNA_HTTP_LISTEN", DEFAULT_HTTP_LISTEN),
         metavar="HOST:PORT",
         help=f"HTTP address (env VENNA_HTTP_LISTEN; default {DEFAULT_HTTP_LISTEN})",
+    )
+    http_command.add_argument(
+        "--cors-origins",
+        default=_env("VENNA_CORS_ORIGINS", ""),
+        metavar="ORIGINS",
+        help="comma-separated browser origins allowed to call the HTTP API, or * for any "
+        "(env VENNA_CORS_ORIGINS; default none: no CORS)",
     )
     http_command.add_argument(
         "--max-request-bytes",
@@ -347,6 +361,11 @@ def _limit_settings(options: argparse.Namespace) -> dict[str, object]:
     return settings
 
 
+def _origins(value: str) -> tuple[str, ...]:
+    """``--cors-origins``: comma-separated origins, blanks dropped."""
+    return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+
+
 def _http_limits(options: argparse.Namespace) -> ConnectionLimits:
     """The shim's connection limits from the --http-* flags; ValueError names a bad one."""
     limits = ConnectionLimits(
@@ -424,6 +443,7 @@ async def serve(
     http_limits: ConnectionLimits = DEFAULT_LIMITS,
     metrics_listen: str = "",
     drain_seconds: float = 0.0,
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down
     gracefully. Whatever stops it from starting (a taken port, a database it cannot open, a bad
@@ -457,6 +477,7 @@ async def serve(
                 max_body_bytes=config.max_request_bytes,
                 metrics=server.metrics.exposition,
                 ready=server.ready,
+                cors_origins=cors_origins,
             ),
             http_listen,
             config.shutdown_grace,
@@ -499,6 +520,7 @@ async def serve_http(
     *,
     max_body_bytes: int = DEFAULTS.max_request_bytes,
     limits: ConnectionLimits = DEFAULT_LIMITS,
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """The shim alone, calling a Venna gRPC service over a channel."""
     check_listen("--http-listen", http_listen)
@@ -514,7 +536,12 @@ async def serve_http(
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     http = HttpServer(
-        create_app(ChannelClient(channel), max_body_bytes=max_body_bytes, ready=target_serving),
+        create_app(
+            ChannelClient(channel),
+            max_body_bytes=max_body_bytes,
+            ready=target_serving,
+            cors_origins=cors_origins,
+        ),
         http_listen,
         limits=limits,
     )
@@ -617,12 +644,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         options.http_listen,
                         max_body_bytes=options.max_request_bytes,
                         limits=limits,
+                        cors_origins=_origins(options.cors_origins),
                     )
                 )
             else:
                 config, limits = _serve_config(options), _http_limits(options)
                 http_listen = None if options.no_http else options.http_listen
-                asyncio.run(serve(config, http_listen, limits, options.metrics_listen, options.drain_seconds))
+                asyncio.run(
+                    serve(
+                        config,
+                        http_listen,
+                        limits,
+                        options.metrics_listen,
+                        options.drain_seconds,
+                        _origins(options.cors_origins),
+                    )
+                )
         except (SettingError, ValueError) as error:
             # A setting it cannot start with: one line, the status of a usage error.
             print(f"venna: {error}", file=sys.stderr)

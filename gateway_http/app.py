@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route, WebSocketRoute
@@ -70,8 +71,11 @@ class ResponsesHttpApp:
         keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS,
         metrics: Callable[[], bytes] | None = None,
         ready: Callable[[], Awaitable[bool]] | None = None,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self.client = client
+        # Browser origins allowed to call the API ("*" for any); none: no CORS headers at all.
+        self.cors_origins = tuple(cors_origins)
         # Whether the service behind should get traffic (GET /readyz); without one, always.
         self.ready = ready
         # The server's metrics in Prometheus' text format, served at GET /metrics when given.
@@ -107,8 +111,29 @@ class ResponsesHttpApp:
         return Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},
-            middleware=[Middleware(RequestIdMiddleware), Middleware(FramingGuardMiddleware)],
+            middleware=[
+                *self._cors(),
+                Middleware(RequestIdMiddleware),
+                Middleware(FramingGuardMiddleware),
+            ],
         )
+
+    def _cors(self) -> list[Middleware]:
+        """CORS for browser clients of the configured origins: preflights answered, and the
+        request id and retry delay readable by the page. Keys travel in a header, never in
+        cookies, so credentials mode stays off."""
+        if not self.cors_origins:
+            return []
+        return [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(self.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=600,
+            )
+        ]
 
     # ------------------------------------------------------------------ endpoints
 

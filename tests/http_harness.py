@@ -31,6 +31,8 @@ class HttpVenna(LoopThread):
     http_port: int = 0
     grpc_address: str = ""
     keys: dict[str, str] = field(default_factory=dict)
+    # Browser origins the shim answers CORS for; none: no CORS.
+    cors_origins: tuple[str, ...] = ()
     # The backends to serve; None: the default routing table (echo, and Venice from VENICE_*).
     router: Router | None = None
     thread_name = "venna-http-test"
@@ -61,6 +63,7 @@ class HttpVenna(LoopThread):
         options: dict[str, object] = {
             "keepalive_seconds": self.keepalive_seconds,
             "metrics": server.metrics.exposition,
+            "cors_origins": self.cors_origins,
         }
         if self.max_body_bytes is not None:
             options["max_body_bytes"] = self.max_body_bytes

@@ -1,6 +1,7 @@
 """Probes and shutdown, on real ``venna serve`` and ``venna http`` processes: ``/livez``,
 ``/readyz`` (not ready while draining, or when the gRPC target is unreachable), the drain delay
-that reports NOT_SERVING while still serving, and gRPC health ``List``."""
+that reports NOT_SERVING while still serving, and gRPC health ``List``; and CORS for browser
+clients of the configured origins."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import httpx
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.http_harness import HttpVenna, running
 from tests.process_harness import ROOT, create_key, read_startup_line, serving
 from tests.test_venice_backend import free_port
 
@@ -92,3 +96,55 @@ def test_the_shim_alone_is_ready_only_while_its_grpc_target_serves(tmp_path: Pat
                 shim.wait(timeout=10)
                 if shim.stdout is not None:
                     shim.stdout.close()
+
+
+# ------------------------------------------------------------------ CORS
+
+
+@pytest.fixture
+def cors_venna(tmp_path: Path) -> Iterator[HttpVenna]:
+    yield from running(HttpVenna(tmp_path / "venna.db", cors_origins=("https://app.example",)))
+
+
+def test_a_configured_origin_gets_cors(cors_venna: HttpVenna) -> None:
+    """A browser page of an allowed origin: its preflight is answered, and the reply's request
+    id is readable by the page."""
+    preflight = httpx.options(
+        f"{cors_venna.base_url}/responses",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    created = httpx.post(
+        f"{cors_venna.base_url}/responses",
+        json={"model": "echo", "input": "from a page"},
+        headers={"origin": "https://app.example", "authorization": f"Bearer {cors_venna.alpha}"},
+    )
+    assert created.status_code == 200
+    assert created.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in created.headers["access-control-expose-headers"]
+
+
+def test_another_origin_gets_no_cors(cors_venna: HttpVenna) -> None:
+    preflight = httpx.options(
+        f"{cors_venna.base_url}/responses",
+        headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"},
+    )
+    assert preflight.status_code == 400
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_without_origins_there_is_no_cors(tmp_path: Path) -> None:
+    for venna in running(HttpVenna(tmp_path / "venna.db")):
+        preflight = httpx.options(
+            f"{venna.base_url}/responses",
+            headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+        )
+        assert preflight.status_code == 405
+        assert "access-control-allow-origin" not in preflight.headers
