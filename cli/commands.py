@@ -36,6 +36,7 @@ from venna.backends.store import (
     open_store,
     sum_usage,
 )
+from venna.cli.logs import configure_logging
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
@@ -69,6 +70,12 @@ def add_log_level(command: argparse.ArgumentParser) -> None:
         type=_log_level,
         default=_env("VENNA_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env VENNA_LOG_LEVEL; default INFO)",
+    )
+    command.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("VENNA_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line (env VENNA_LOG_FORMAT; default text)",
     )
 
 
@@ -631,9 +638,7 @@ async def usage_report(store: ResponseStore, options: argparse.Namespace) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     options = _build_parser().parse_args(argv)
     if options.command in ("serve", "http"):
-        logging.basicConfig(
-            level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(options.log_level, options.log_format)
     if options.command in ("serve", "http"):
         try:
             if options.command == "http":

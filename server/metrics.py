@@ -131,16 +131,25 @@ class Metrics:
             code = aborted if aborted is not None else _code_of(error)
         self.calls.labels(service, method, code.name).inc()
         if access_log.isEnabledFor(logging.INFO):
-            # Never a key, never content: who, what, how it ended, how long it took.
+            # Never a key, never content: who, what, how it ended, how long it took. The same
+            # fields go along as the record's extras, for JSON logs.
+            fields = {
+                "method": f"{service}/{method}",
+                "code": code.name,
+                "duration_ms": round(seconds * 1000, 1),
+                "workspace": auth.current_workspace(),
+                "model": getattr(request, "model", "") or None,
+                "request_id": _request_id(context),
+            }
             access_log.info(
-                "%s/%s %s %.1fms workspace=%s model=%s request_id=%s",
-                service,
-                method,
-                code.name,
-                seconds * 1000,
-                auth.current_workspace() or "-",
-                getattr(request, "model", "") or "-",
-                _request_id(context) or "-",
+                "%s %s %.1fms workspace=%s model=%s request_id=%s",
+                fields["method"],
+                fields["code"],
+                fields["duration_ms"],
+                fields["workspace"] or "-",
+                fields["model"] or "-",
+                fields["request_id"] or "-",
+                extra=fields,
             )
 
     def _unary(self, service: str, method: str, behavior: _Unary) -> _Unary:

@@ -4,6 +4,7 @@ tokens by workspace and model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.http_harness import HttpVenna, running
+from tests.process_harness import serving
 from tests.test_process import client_for, running_server, venna_command
 from tests.test_venice_backend import free_port
 
@@ -152,3 +154,31 @@ def test_a_clients_request_id_is_kept_passed_on_and_logged(
 def test_an_unusable_request_id_is_replaced(http_venna: HttpVenna, sent: str) -> None:
     reply = httpx.get(f"{http_venna.base_url}/models", headers={"x-request-id": sent})
     assert reply.headers["x-request-id"].startswith("req_")
+
+
+def test_json_logs_are_one_object_per_line_with_the_access_fields(tmp_path: Path) -> None:
+    """`venna serve --log-format json`: every line of its log parses, and a call's access line
+    carries its fields as fields (and no key)."""
+    db = tmp_path / "venna.db"
+    key = venna_command("keys", "create", "--workspace", "alpha", db=db).stdout.strip()
+    log = tmp_path / "serve.log"
+    with serving(db, log, "--log-format", "json", "--log-level", "INFO") as server:
+        reply = httpx.post(
+            server.base_url + "/responses",
+            json={"model": "echo", "input": "logged"},
+            headers={"authorization": f"Bearer {key}", "x-request-id": "json-log-1"},
+            timeout=10,
+        )
+        assert reply.status_code == 200
+        server.terminate()
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    (access,) = [entry for entry in entries if entry.get("request_id") == "json-log-1"]
+    assert access["logger"] == "venna.access"
+    assert (access["method"], access["code"], access["model"]) == (
+        "ResponsesService/CreateResponse",
+        "OK",
+        "echo",
+    )
+    assert access["workspace"].startswith("ws_") and access["duration_ms"] >= 0
+    assert key not in log.read_text()
