@@ -40,7 +40,7 @@ from venna.cli.logs import configure_logging
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
-from venna.server.app import ServerConfig, VennaServer, wait_for_signal
+from venna.server.app import ServerConfig, VennaServer, stop_signals
 from venna.server.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -509,8 +509,9 @@ async def serve(
             ) from None
     where = f", HTTP on http://{http.address}/v1" if http else ""
     _freeze_startup_objects()
+    stop = stop_signals()  # before the start-up line: a signal sent once it is read is caught
     print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}", flush=True)
-    await wait_for_signal()
+    await stop.wait()
     if drain_seconds > 0:
         log.info("draining: reporting not ready for %.1fs before closing", drain_seconds)
     await server.announce_drain(drain_seconds)
@@ -558,9 +559,10 @@ async def serve_http(
         await channel.close(grace=None)
         raise SettingError(f"--http-listen {error}") from None
     _freeze_startup_objects()
+    stop = stop_signals()
     print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)
     try:
-        await wait_for_signal()
+        await stop.wait()
     finally:
         await http.stop()
         await channel.close(grace=None)

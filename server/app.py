@@ -316,11 +316,18 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]  # 
         )
 
 
-async def wait_for_signal() -> None:
-    """Returns on the first SIGTERM or SIGINT."""
+def stop_signals() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT, its handlers installed now: a process
+    installs them before it says it is ready, so that a signal sent right after is never met
+    by the default action (an immediate exit, with no drain)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
+    await stop_signals().wait()
