@@ -39,9 +39,9 @@ from venna.gateway_http.errors import (
 from venna.gateway_http.middleware import FramingGuardMiddleware, RequestIdMiddleware
 from venna.gateway_http.parsing import (
     OFFLOAD_BYTES,
-    UNSUPPORTED_PARAMETERS,
     check_content_type,
     disconnected,
+    drop_unsupported,
     forwarded_metadata,
     parse_json_object,
     query_bool,
@@ -200,14 +200,7 @@ class ResponsesHttpApp:
             # Only where a route can stream; elsewhere `stream` is as unknown as any other key.
             stream = fields.pop("stream", None) or False
             fields.pop("stream_options", None)  # obfuscation padding is not sent: nothing to switch off
-        for name in UNSUPPORTED_PARAMETERS.intersection(fields):
-            if fields.pop(name) is not None:
-                raise BadRequest(
-                    400,
-                    f"The '{name}' parameter is not supported by Venna.",
-                    name,
-                    "unsupported_parameter",
-                )
+        drop_unsupported(fields)
         if not isinstance(stream, bool):
             raise BadRequest(400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
         method = pick(binding, stream)

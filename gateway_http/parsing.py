@@ -148,3 +148,13 @@ def forwarded_metadata(request: HTTPConnection) -> Metadata:
             401, "Invalid API key: the Authorization header is malformed.", None, "invalid_api_key"
         )
     return (("authorization", authorization), *request_id)
+
+
+def drop_unsupported(fields: dict[str, Any]) -> None:
+    """Removes the parameters Venna does not support from a JSON body, in place: a null one is
+    as good as absent; any other value is refused (400 ``unsupported_parameter``)."""
+    for name in UNSUPPORTED_PARAMETERS.intersection(fields):
+        if fields.pop(name) is not None:
+            raise BadRequest(
+                400, f"The '{name}' parameter is not supported by Venna.", name, "unsupported_parameter"
+            )

@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from venna.gateway_http.client import CallError, Metadata, ServiceClient, message_class
 from venna.gateway_http.codec import Codec, CodecError
 from venna.gateway_http.errors import BadRequest, error_body, error_response, http_error
-from venna.gateway_http.parsing import UNSUPPORTED_PARAMETERS, forwarded_metadata
+from venna.gateway_http.parsing import drop_unsupported, forwarded_metadata
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +218,10 @@ class _Connection:
                         "unsupported_parameter",
                     ),
                 )
-        for name in UNSUPPORTED_PARAMETERS.intersection(fields):
-            if fields[name] is not None:
-                raise _TurnError(
-                    400,
-                    _error(
-                        f"The '{name}' parameter is not supported by Venna.", name, "unsupported_parameter"
-                    ),
-                )
-            del fields[name]
+        try:
+            drop_unsupported(fields)
+        except BadRequest as error:
+            raise _TurnError(error.status, _error(error.message, error.param, error.code)) from None
         remembered = self.remembered
         if remembered is None or fields.get("previous_response_id") != remembered.response_id:
             return fields, None

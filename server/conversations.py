@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from venna.backends.store import InputItemsPage, ResponseStore, UnreadableRecord
+from venna.backends.store import InputItemsPage, ResponseStore, UnreadableRecord, item_id
 from venna.responses.v1 import conversations_pb2, response_pb2, service_pb2
 from venna.server import auth, errors
 from venna.server.creation import Creation
@@ -42,14 +42,18 @@ def _unreadable(conversation_id: str) -> errors.ServiceError:
 def _item_list(page: InputItemsPage) -> conversations_pb2.ConversationItemList:
     listed = conversations_pb2.ConversationItemList(object="list", data=page.items, has_more=page.has_more)
     if page.items:
-        listed.first_id = _item_id(page.items[0])
-        listed.last_id = _item_id(page.items[-1])
+        listed.first_id = item_id(page.items[0])
+        listed.last_id = item_id(page.items[-1])
     return listed
 
 
-def _item_id(item: response_pb2.Item) -> str:
-    kind = item.WhichOneof("item")
-    return str(getattr(item, kind).id) if kind else ""
+def _item_not_found(item: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Item with id '{errors.quoted(item)}' not found in this conversation.",
+        reason="ITEM_NOT_FOUND",
+        param="item_id",
+    )
 
 
 class ConversationsService:
@@ -153,12 +157,7 @@ class ConversationsService:
         if item is None:
             if await self._store.get_conversation(workspace_id, request.conversation_id) is None:
                 raise _not_found(request.conversation_id)
-            raise errors.ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Item with id '{errors.quoted(request.item_id)}' not found in this conversation.",
-                reason="ITEM_NOT_FOUND",
-                param="item_id",
-            )
+            raise _item_not_found(request.item_id)
         return item
 
     async def DeleteConversationItem(
@@ -171,10 +170,5 @@ class ConversationsService:
         if not await self._store.delete_conversation_item(
             workspace_id, request.conversation_id, request.item_id
         ):
-            raise errors.ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Item with id '{errors.quoted(request.item_id)}' not found in this conversation.",
-                reason="ITEM_NOT_FOUND",
-                param="item_id",
-            )
+            raise _item_not_found(request.item_id)
         return conversation

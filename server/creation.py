@@ -30,7 +30,7 @@ from venna.server.ids import new_id
 from venna.server.routing import Router
 from venna.server.runner import BackgroundRunner, LiveResponse
 from venna.server.turns import append_turn
-from venna.server.validation import validate_create
+from venna.server.validation import conversation_id, validate_create
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,7 @@ class Creation:
         count where its backend can tell, else an estimate (said so). Nothing is generated or
         stored; the request is checked as a create would be."""
         workspace_id = auth.workspace_id()
-        create = service_pb2.CreateResponseRequest()
-        for field, value in request.ListFields():
-            target = getattr(create, field.name)
-            if field.is_repeated:
-                target.extend(value)
-            elif field.message_type is not None:
-                target.CopyFrom(value)
-            else:
-                setattr(create, field.name, value)
+        create = _as_create_request(request)
         counted = request.HasField("model")
         if not counted:
             create.model = _NO_MODEL  # checked like any create, then estimated
@@ -178,13 +170,7 @@ class Creation:
         """The conversation of ``request`` compacted by its model: its user messages, then one
         compaction item summarizing all of it. Nothing is stored but the pass's usage record."""
         workspace_id = auth.workspace_id()
-        create = service_pb2.CreateResponseRequest()
-        for field, value in request.ListFields():
-            target = getattr(create, field.name)
-            if field.is_repeated:
-                target.extend(value)
-            else:
-                setattr(create, field.name, value)
+        create = _as_create_request(request)
         validate_create(create)
         route = self._router.resolve(create.model)
         history, input_items = await self.context_of(workspace_id, create)
@@ -478,10 +464,21 @@ class Creation:
             await asyncio.wait(set(self._detached))
 
 
-def conversation_id(request: service_pb2.CreateResponseRequest) -> str:
-    """The conversation a create names, by its id or as ``{"id": …}``."""
-    choice = request.conversation
-    return choice.id if choice.WhichOneof("conversation") == "id" else choice.ref.id
+def _as_create_request(
+    request: service_pb2.CountInputTokensRequest | service_pb2.CompactResponseRequest,
+) -> service_pb2.CreateResponseRequest:
+    """A request made of a create's fields (named alike) as the create it stands for, so that it
+    is checked, routed and given its context exactly as a create would be."""
+    create = service_pb2.CreateResponseRequest()
+    for field, value in request.ListFields():
+        target = getattr(create, field.name)
+        if field.is_repeated:
+            target.extend(value)
+        elif field.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(create, field.name, value)
+    return create
 
 
 def _taken_over(response_id: str) -> errors.ServiceError:

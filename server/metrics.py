@@ -73,6 +73,8 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        # Each method's latency histogram, bound when its handler is wrapped.
+        self._latencies: dict[tuple[str, str], Histogram] = {}
         self.tokens = Counter(
             "venna_tokens",
             "Tokens of finished responses, by workspace id, model and kind (input or output)",
@@ -123,7 +125,7 @@ class Metrics:
         context: Any,
     ) -> None:
         seconds = time.perf_counter() - started
-        self.latency.labels(service, method).observe(seconds)
+        self._latencies[(service, method)].observe(seconds)
         if error is None:
             code = grpc.StatusCode.OK
         else:
@@ -153,6 +155,7 @@ class Metrics:
             )
 
     def _unary(self, service: str, method: str, behavior: _Unary) -> _Unary:
+        self._latencies[(service, method)] = self.latency.labels(service, method)  # bound once
         async def unary(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             ABORTED_WITH.set(None)
@@ -167,6 +170,7 @@ class Metrics:
         return unary
 
     def _stream(self, service: str, method: str, behavior: _Stream) -> _Stream:
+        self._latencies[(service, method)] = self.latency.labels(service, method)  # bound once
         gauge = self.open_streams.labels(method)
 
         async def stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:

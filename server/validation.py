@@ -124,6 +124,12 @@ def raise_if_any(violations: list[Violation]) -> None:
 MIN_COMPACT_THRESHOLD = 1000
 
 
+def conversation_id(request: service_pb2.CreateResponseRequest) -> str:
+    """The conversation a create names, by its id or as ``{"id": …}``."""
+    choice = request.conversation
+    return choice.id if choice.WhichOneof("conversation") == "id" else choice.ref.id
+
+
 def validate_create(request: service_pb2.CreateResponseRequest) -> None:
     """Raises INVALID_ARGUMENT with a BadRequest listing every field violation.
 
@@ -184,9 +190,7 @@ def validate_create(request: service_pb2.CreateResponseRequest) -> None:
     if request.HasField("venice_parameters"):
         _check_enum_values("venice_parameters", request.venice_parameters, add)
     if request.HasField("conversation"):
-        choice = request.conversation
-        named = choice.id if choice.WhichOneof("conversation") == "id" else choice.ref.id
-        if not named:
+        if not conversation_id(request):
             add(Violation("conversation", "Invalid 'conversation': expected a conversation id."))
         if request.HasField("previous_response_id"):
             add(

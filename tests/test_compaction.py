@@ -6,7 +6,6 @@ seen from the upstream's side).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.fake_venice import FakeVenice
 from tests.http_harness import HttpVenna, running
 from tests.openai_schema import validate, validate_open_responses, validate_response, validate_stream_event
 from tests.test_chat_backend import chat_stream
+from tests.test_http_wire import client_for, post_stream
 from venna.backends.base import Backend
 from venna.backends.echo import EchoBackend
 from venna.backends.responses import ResponsesUpstream
@@ -195,22 +195,13 @@ async def test_compact_over_grpc(tmp_path: Path) -> None:
 LONG = " ".join(f"w{index}" for index in range(1200))
 
 
-def sse(venna: HttpVenna, body: dict[str, Any]) -> list[dict[str, Any]]:
-    with httpx.stream(
-        "POST",
-        f"{venna.base_url}/responses",
-        json={**body, "stream": True},
-        headers={"authorization": f"Bearer {venna.alpha}"},
-        timeout=10,
-    ) as reply:
-        return [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
-
-
 def test_context_management_compacts_a_long_context_first(http_venna: HttpVenna) -> None:
     """Over the threshold, the compaction item opens the output (with its own added and done
     events), the model answers from the summary, and the usage is both passes together."""
     management = [{"type": "compaction", "compact_threshold": 1000}]
-    events = sse(http_venna, {"model": "echo", "input": LONG, "context_management": management})
+    with client_for(http_venna, http_venna.alpha) as http:
+        # post_stream checks the framing, the numbering and each event against both schemas.
+        events = post_stream(http, model="echo", input=LONG, context_management=management).events
     for event in events:
         validate_stream_event(event)
     added = [event for event in events if event["type"] == "response.output_item.added"]

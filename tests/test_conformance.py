@@ -18,7 +18,7 @@ import pytest
 
 from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.openai_schema import validate_response, validate_stream_event
-from tests.test_http_wire import body, client_for, error
+from tests.test_http_wire import body, client_for, error, post_stream
 from venna.backends import base
 from venna.backends.responses import ResponsesUpstream
 from venna.backends.responses.chat import chat_request
@@ -134,15 +134,10 @@ def test_allowed_tools_required_with_no_allowed_function_is_400(http: httpx.Clie
 
 
 def test_every_event_of_a_stream_validates_under_both(http: httpx.Client) -> None:
-    with http.stream(
-        "POST",
-        "/responses",
-        json={"model": "echo", "input": "stream me", "stream": True, "presence_penalty": 1.0},
-    ) as reply:
-        events = [orjson.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    events = post_stream(http, model="echo", input="stream me", presence_penalty=1.0).events
     assert events[-1]["type"] == "response.completed"
     for event in events:
-        validate_stream_event(event)
+        validate_stream_event(event)  # as post_stream does already; here it is the point
     assert events[0]["response"]["usage"] is None
     assert events[-1]["response"]["presence_penalty"] == 1.0
     validate_response(events[-1]["response"])

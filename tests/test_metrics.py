@@ -25,19 +25,27 @@ def http_venna(tmp_path: Path) -> Iterator[HttpVenna]:
     yield from running(HttpVenna(tmp_path / "venna.db"))
 
 
-def scrape(venna: HttpVenna) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of GET /metrics, by name and labels."""
-    reply = httpx.get(venna.base_url.removesuffix("/v1") + "/metrics", timeout=10)
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(exposition: str) -> Samples:
+    """Every sample of a Prometheus exposition, by name and labels, as prometheus-client reads it."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(reply.text)
+        for family in text_string_to_metric_families(exposition)
         for sample in family.samples
     }
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def scrape(venna: HttpVenna) -> Samples:
+    """Every sample of GET /metrics."""
+    reply = httpx.get(venna.base_url.removesuffix("/v1") + "/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return samples_of(reply.text)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -114,11 +122,7 @@ async def test_a_grpc_only_server_serves_metrics_on_its_own_address(tmp_path: Pa
             await client.create(input="counted once")
         async with httpx.AsyncClient(timeout=10) as http:
             reply = await http.get(f"http://127.0.0.1:{port}/metrics")
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-    }
+    samples = samples_of(reply.text)
     assert (
         value(
             samples, "venna_rpc_calls_total", service="ResponsesService", method="CreateResponse", code="OK"

@@ -20,6 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.openai_schema import validate_open_responses, validate_stream_event
+from tests.test_http_wire import client_for, post_stream
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 
@@ -52,21 +53,11 @@ def turn(socket: ClientConnection, **body: Any) -> list[dict[str, Any]]:
             return events
 
 
-def sse_events(venna: HttpVenna, **body: Any) -> list[dict[str, Any]]:
-    with httpx.stream(
-        "POST",
-        f"{venna.base_url}/responses",
-        json={**body, "stream": True},
-        headers={"authorization": f"Bearer {venna.alpha}"},
-        timeout=10,
-    ) as reply:
-        return [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
-
-
 def test_a_turn_streams_the_same_events_as_sse(http_venna: HttpVenna) -> None:
     with open_socket(http_venna) as socket:
         events = turn(socket, model="echo", input="the same events")
-    over_sse = sse_events(http_venna, model="echo", input="the same events")
+    with client_for(http_venna, http_venna.alpha) as http:
+        over_sse = post_stream(http, model="echo", input="the same events").events
     assert [event["type"] for event in events] == [event["type"] for event in over_sse]
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
     for event in events:
