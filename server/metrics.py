@@ -156,6 +156,7 @@ class Metrics:
 
     def _unary(self, service: str, method: str, behavior: _Unary) -> _Unary:
         self._latencies[(service, method)] = self.latency.labels(service, method)  # bound once
+
         async def unary(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             ABORTED_WITH.set(None)
