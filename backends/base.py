@@ -306,3 +306,27 @@ def refuse_unaccepted(request: GenerationRequest, accepted: frozenset[str]) -> N
             code="unsupported_parameter",
             param=name,
         )
+
+
+class UpstreamObserver(Protocol):
+    """Told of each request a backend makes to its upstream, for metrics per upstream."""
+
+    def upstream_request(self, upstream: str, outcome: str, seconds: float) -> None:
+        """One attempt ended: ``outcome`` is "ok", "http_<status>", "connect_error", "timeout"
+        or "error"; ``seconds`` until the upstream's answer began (or the failure)."""
+        ...
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        """A failed attempt is being tried again (``reason``: the failed attempt's outcome)."""
+        ...
+
+
+class _Unobserved:
+    def upstream_request(self, upstream: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        pass
+
+
+UNOBSERVED: UpstreamObserver = _Unobserved()

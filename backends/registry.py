@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
-from venna.backends.base import Backend
+from venna.backends.base import UNOBSERVED, Backend, UpstreamObserver
 
 ENTRY_POINT_GROUP = "venna.backends"
 
@@ -43,6 +43,8 @@ class BuildContext:
     name: str
     # The environment, for settings kept out of files (API keys).
     environ: Mapping[str, str]
+    # Where a backend that calls an upstream reports each request (the server's metrics).
+    observer: UpstreamObserver = UNOBSERVED
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,16 +31,23 @@ from venna.backends.store import (
     ResponseStore,
     StoreUnavailable,
     UsageTotal,
+    WorkspaceUnavailable,
     copy_store,
     describe,
     open_store,
     sum_usage,
 )
 from venna.cli.logs import configure_logging
+from venna.cli.tracing import MODES as TRACE_MODES
+from venna.cli.tracing import TracingUnavailable
+from venna.cli.tracing import start as start_tracing
 from venna.gateway_http.app import create_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
+from venna.gateway_http.tls import ChannelTls, HttpTls
+from venna.gateway_http.tls import TlsFileError as HttpTlsFileError
 from venna.server.app import ServerConfig, VennaServer, stop_signals
+from venna.server.tls import TlsFileError, TlsFiles
 from venna.server.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,25 @@ def add_log_level(command: argparse.ArgumentParser) -> None:
         choices=("text", "json"),
         default=_env("VENNA_LOG_FORMAT", "text"),
         help="text lines, or one JSON object per line (env VENNA_LOG_FORMAT; default text)",
+    )
+
+
+def _traces_mode(text: str) -> str:
+    """A --traces mode; checked here because an environment default skips argparse's ``choices``."""
+    if text not in TRACE_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TRACE_MODES)}, got '{text}'")
+    return text
+
+
+def add_traces(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--traces",
+        type=_traces_mode,
+        default=_env("VENNA_TRACES", "off"),
+        metavar="{off,otlp,console}",
+        help="OpenTelemetry traces: otlp exports over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT "
+        "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), console writes spans to stderr; needs the "
+        "otel extra (env VENNA_TRACES; default off)",
     )
 
 
@@ -165,8 +191,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how long an accepted key is trusted without a lookup; bounds how long a revoked key "
         "keeps working (env VENNA_KEY_CACHE_SECONDS)",
     )
+    add_tls(serve_command, "every port: gRPC, the HTTP shim and --metrics-listen")
     add_limits(serve_command, (*_LIMIT_FLAGS, *_HTTP_LIMIT_FLAGS))
     add_log_level(serve_command)
+    add_traces(serve_command)
 
     http_command = commands.add_parser("http", help="run only the HTTP shim, in front of a gRPC target")
     http_command.add_argument(
@@ -196,20 +224,54 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest request body accepted, in bytes (env VENNA_MAX_REQUEST_BYTES; "
         f"default {DEFAULTS.max_request_bytes})",
     )
+    add_tls(http_command, "the HTTP port")
+    add_grpc_tls(http_command)
     add_limits(http_command, _HTTP_LIMIT_FLAGS)
     add_log_level(http_command)
+    add_traces(http_command)
 
     keys = commands.add_parser("keys", help="manage workspace API keys").add_subparsers(
         dest="keys_command", required=True
     )
     create = keys.add_parser("create", help="create a key; it is printed once and stored only as a hash")
-    create.add_argument("--workspace", required=True, help="workspace name (created if new)")
+    owner = create.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--workspace", help="workspace name (created if new)")
+    owner.add_argument(
+        "--admin", action="store_true", help="an admin key: for the admin API only, of no workspace"
+    )
     add_db(create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--workspace", metavar="NAME", help="only this workspace's keys")
     add_db(listing)
     revoke = keys.add_parser("revoke", help="revoke a key by its id (see 'keys list')")
     revoke.add_argument("key_id")
     add_db(revoke)
+
+    workspaces = commands.add_parser("workspaces", help="list and revoke workspaces").add_subparsers(
+        dest="workspaces_command", required=True
+    )
+    add_db(workspaces.add_parser("list", help="list workspaces with their limits"))
+    revoke_workspace = workspaces.add_parser(
+        "revoke", help="revoke a workspace and every key of it (its data is kept)"
+    )
+    revoke_workspace.add_argument("name")
+    add_db(revoke_workspace)
+
+    limits = commands.add_parser("limits", help="limits per workspace, on every replica").add_subparsers(
+        dest="limits_command", required=True
+    )
+    set_limits = limits.add_parser("set", help="set a workspace's limits (0 removes one; others unchanged)")
+    set_limits.add_argument("--workspace", required=True, metavar="NAME")
+    for flag, what in (
+        ("--requests-per-minute", "responses created per minute"),
+        ("--tokens-per-minute", "tokens of the responses of the last minute"),
+        ("--monthly-tokens", "tokens per calendar month (UTC)"),
+    ):
+        set_limits.add_argument(flag, type=_count, metavar="N", help=what)
+    add_db(set_limits)
+    show_limits = limits.add_parser("show", help="show a workspace's limits")
+    show_limits.add_argument("--workspace", required=True, metavar="NAME")
+    add_db(show_limits)
 
     usage = commands.add_parser(
         "usage", help="token usage per workspace, from the usage records of finished responses"
@@ -241,6 +303,67 @@ def _build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--from", dest="source", required=True, metavar="PATH", help="the SQLite file")
     copy.add_argument("--to", dest="target", required=True, metavar="URL", help="a postgresql:// URL")
     return parser
+
+
+def add_tls(command: argparse.ArgumentParser, where: str) -> None:
+    """--tls-cert, --tls-key and --tls-client-ca, each also read from the environment."""
+    for flag, what in (
+        ("--tls-cert", f"PEM certificate chain: serve TLS on {where}; needs --tls-key"),
+        ("--tls-key", "PEM private key of --tls-cert (unencrypted)"),
+        (
+            "--tls-client-ca",
+            "PEM CA certificate(s): require clients to present a certificate it signed "
+            "(mutual TLS); needs --tls-cert and --tls-key",
+        ),
+    ):
+        env = "VENNA_" + flag.removeprefix("--").replace("-", "_").upper()
+        command.add_argument(
+            flag,
+            type=Path,
+            default=os.environ.get(env) or None,
+            metavar="PATH",
+            help=f"{what} (env {env})",
+        )
+
+
+def add_grpc_tls(command: argparse.ArgumentParser) -> None:
+    """``venna http``'s flags for dialing a gRPC target over TLS."""
+    command.add_argument(
+        "--grpc-tls",
+        action="store_true",
+        default=None,
+        help="dial the gRPC target over TLS, trusting the system's CAs (env VENNA_GRPC_TLS=1); "
+        "implied by the other --grpc-* TLS flags",
+    )
+    command.add_argument(
+        "--grpc-ca",
+        type=Path,
+        default=os.environ.get("VENNA_GRPC_CA") or None,
+        metavar="PATH",
+        help="dial over TLS, trusting this PEM CA instead of the system's (env VENNA_GRPC_CA)",
+    )
+    command.add_argument(
+        "--grpc-client-cert",
+        type=Path,
+        default=os.environ.get("VENNA_GRPC_CLIENT_CERT") or None,
+        metavar="PATH",
+        help="PEM client certificate to present to a target that requires one (mutual TLS); "
+        "needs --grpc-client-key (env VENNA_GRPC_CLIENT_CERT)",
+    )
+    command.add_argument(
+        "--grpc-client-key",
+        type=Path,
+        default=os.environ.get("VENNA_GRPC_CLIENT_KEY") or None,
+        metavar="PATH",
+        help="PEM private key of --grpc-client-cert (env VENNA_GRPC_CLIENT_KEY)",
+    )
+    command.add_argument(
+        "--grpc-server-name",
+        default=os.environ.get("VENNA_GRPC_SERVER_NAME") or None,
+        metavar="NAME",
+        help="the name the target's certificate must carry, when it is not the target's host "
+        "(env VENNA_GRPC_SERVER_NAME)",
+    )
 
 
 _REQUEST_LIMITS = frozenset(limit.name for limit in dataclasses.fields(Limits))
@@ -384,6 +507,59 @@ def _http_limits(options: argparse.Namespace) -> ConnectionLimits:
     return limits
 
 
+# The flag that names each TLS file, by its field in TlsFiles, HttpTls or ChannelTls.
+_TLS_FLAGS = {
+    "cert": "--tls-cert",
+    "key": "--tls-key",
+    "client_ca": "--tls-client-ca",
+    "ca": "--grpc-ca",
+    "client_cert": "--grpc-client-cert",
+    "client_key": "--grpc-client-key",
+}
+
+
+def _tls_files(options: argparse.Namespace) -> TlsFiles | None:
+    """--tls-cert, --tls-key and --tls-client-ca; SettingError when they do not go together."""
+    cert, key, client_ca = options.tls_cert, options.tls_key, options.tls_client_ca
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise SettingError("--tls-client-ca needs --tls-cert and --tls-key (the server's own pair)")
+        return None
+    if cert is None or key is None:
+        raise SettingError("--tls-cert and --tls-key go together: give both, or neither")
+    return TlsFiles(cert, key, client_ca)
+
+
+def _http_tls(files: TlsFiles | None) -> HttpTls | None:
+    return HttpTls(files.cert, files.key, files.client_ca) if files else None
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _channel_tls(options: argparse.Namespace) -> ChannelTls | None:
+    """How ``venna http`` dials its target: None for plaintext; SettingError for flags that do
+    not go together or a VENNA_GRPC_TLS that is not a yes or a no."""
+    enabled = options.grpc_tls
+    if enabled is None:
+        value = os.environ.get("VENNA_GRPC_TLS", "").strip().lower()
+        if value not in _TRUE + _FALSE:
+            raise SettingError(f"VENNA_GRPC_TLS: expected 1/true/yes or 0/false/no, got '{value}'")
+        enabled = value in _TRUE
+    cert, key = options.grpc_client_cert, options.grpc_client_key
+    if (cert is None) != (key is None):
+        raise SettingError("--grpc-client-cert and --grpc-client-key go together: give both, or neither")
+    if not (enabled or options.grpc_ca or cert or options.grpc_server_name):
+        return None
+    return ChannelTls(options.grpc_ca, cert, key, options.grpc_server_name)
+
+
+def _tls_error(error: TlsFileError | HttpTlsFileError) -> SettingError:
+    """A TLS file that cannot serve, as the flag that named it."""
+    return SettingError(f"{_TLS_FLAGS[error.field]} {error.path}: {error.reason}")
+
+
 def _serve_config(options: argparse.Namespace) -> ServerConfig:
     """The server's settings from ``venna serve``'s flags; ValueError names a bad one."""
     return ServerConfig(
@@ -394,6 +570,7 @@ def _serve_config(options: argparse.Namespace) -> ServerConfig:
         lease_seconds=options.lease_seconds,
         routing_config=options.config,
         key_cache_seconds=options.key_cache_seconds,
+        tls=_tls_files(options),
         **_limit_settings(options),  # type: ignore[arg-type]  # each flag's type is its field's
     )
 
@@ -454,7 +631,13 @@ async def serve(
 ) -> None:
     """Runs gRPC (and the HTTP shim, in process) until SIGTERM or SIGINT, then shuts down
     gracefully. Whatever stops it from starting (a taken port, a database it cannot open, a bad
-    routing table) is a SettingError."""
+    routing table, a TLS file that cannot serve) is a SettingError. ``config.tls`` applies to
+    every port: gRPC, the HTTP shim and the metrics exporter."""
+    if config.tls is not None:
+        try:
+            config.tls.read()
+        except TlsFileError as error:
+            raise _tls_error(error) from None
     check_listen("--grpc-listen", config.grpc_listen)
     if http_listen:
         check_listen("--http-listen", http_listen)
@@ -489,17 +672,30 @@ async def serve(
             http_listen,
             config.shutdown_grace,
             http_limits,
+            tls=_http_tls(config.tls),
         )
         try:
             await http.start()
         except OSError as error:
             await server.stop(0)
             raise SettingError(f"--http-listen {error}") from None
+        except HttpTlsFileError as error:
+            await server.stop(0)
+            raise _tls_error(error) from None
     exporter = None
     if metrics_listen:
         host, port = split_address(metrics_listen)
+        tls = config.tls
         try:
-            exporter, _ = start_http_server(port, addr=host, registry=server.metrics.registry)
+            exporter, _ = start_http_server(
+                port,
+                addr=host,
+                registry=server.metrics.registry,
+                certfile=str(tls.cert) if tls else None,
+                keyfile=str(tls.key) if tls else None,
+                client_cafile=str(tls.client_ca) if tls and tls.client_ca else None,
+                client_auth_required=bool(tls and tls.client_ca),
+            )
         except OSError as error:
             await server.stop(0)
             if http is not None:
@@ -507,10 +703,13 @@ async def serve(
             raise SettingError(
                 f"--metrics-listen {metrics_listen}: cannot listen ({error.strerror or error})"
             ) from None
-    where = f", HTTP on http://{http.address}/v1" if http else ""
+    where = f", HTTP on {http.scheme}://{http.address}/v1" if http else ""
+    secured = ""
+    if config.tls is not None:
+        secured = ", mutual TLS (client certificates required)" if config.tls.client_ca else ", TLS"
     _freeze_startup_objects()
     stop = stop_signals()  # before the start-up line: a signal sent once it is read is caught
-    print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}", flush=True)
+    print(f"venna: gRPC on {server.address}{where}, database {describe(config.db_path)}{secured}", flush=True)
     await stop.wait()
     if drain_seconds > 0:
         log.info("draining: reporting not ready for %.1fs before closing", drain_seconds)
@@ -529,10 +728,18 @@ async def serve_http(
     max_body_bytes: int = DEFAULTS.max_request_bytes,
     limits: ConnectionLimits = DEFAULT_LIMITS,
     cors_origins: Sequence[str] = (),
+    tls: HttpTls | None = None,
+    grpc_tls: ChannelTls | None = None,
 ) -> None:
-    """The shim alone, calling a Venna gRPC service over a channel."""
+    """The shim alone, calling a Venna gRPC service over a channel: HTTPS on its own port with
+    ``tls``, and the channel (its health checks included) over TLS with ``grpc_tls``."""
     check_listen("--http-listen", http_listen)
-    channel = open_channel(grpc_target)
+    try:
+        if tls is not None:
+            tls.check()
+        channel = open_channel(grpc_target, grpc_tls)
+    except HttpTlsFileError as error:
+        raise _tls_error(error) from None
     health = health_pb2_grpc.HealthStub(channel)
 
     async def target_serving() -> bool:
@@ -552,6 +759,7 @@ async def serve_http(
         ),
         http_listen,
         limits=limits,
+        tls=tls,
     )
     try:
         await http.start()
@@ -560,7 +768,12 @@ async def serve_http(
         raise SettingError(f"--http-listen {error}") from None
     _freeze_startup_objects()
     stop = stop_signals()
-    print(f"venna: HTTP on http://{http.address}/v1, calling gRPC at {grpc_target}", flush=True)
+    over = " over TLS" if grpc_tls is not None else ""
+    secured = ", client certificates required" if tls is not None and tls.client_ca else ""
+    print(
+        f"venna: HTTP on {http.scheme}://{http.address}/v1{secured}, calling gRPC at {grpc_target}{over}",
+        flush=True,
+    )
     try:
         await stop.wait()
     finally:
@@ -637,12 +850,23 @@ async def usage_report(store: ResponseStore, options: argparse.Namespace) -> int
     return 0
 
 
+def _start_tracing(options: argparse.Namespace) -> Callable[[], None]:
+    """--traces, switched on before anything is built (servers and upstream sessions read the
+    switch as they are made); what flushes and stops them."""
+    try:
+        return start_tracing(options.traces, shim=options.command == "http")
+    except TracingUnavailable as error:
+        raise SettingError(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = _build_parser().parse_args(argv)
     if options.command in ("serve", "http"):
         configure_logging(options.log_level, options.log_format)
     if options.command in ("serve", "http"):
+        stop_tracing: Callable[[], None] | None = None
         try:
+            stop_tracing = _start_tracing(options)
             if options.command == "http":
                 limits = _http_limits(options)
                 asyncio.run(
@@ -652,6 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         max_body_bytes=options.max_request_bytes,
                         limits=limits,
                         cors_origins=_origins(options.cors_origins),
+                        tls=_http_tls(_tls_files(options)),
+                        grpc_tls=_channel_tls(options),
                     )
                 )
             else:
@@ -674,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as error:
             print(f"venna: {error}", file=sys.stderr)
             return 1
+        finally:
+            if stop_tracing is not None:
+                stop_tracing()  # after the drain: the last spans are flushed, then the exporter stops
         return 0
 
     if options.command == "db":
@@ -696,6 +925,68 @@ async def copy_command(options: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A limit: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or more, got {value}")
+    return value
+
+
+def _limit_text(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+async def workspaces_command(store: ResponseStore, options: argparse.Namespace) -> int:
+    if options.workspaces_command == "revoke":
+        revoked = await store.revoke_workspace(options.name)
+        if revoked is None:
+            print(f"venna: no workspace named '{options.name}'", file=sys.stderr)
+            return 1
+        print(f"revoked workspace '{revoked.name}' and its keys", file=sys.stderr)
+        return 0
+    print(f"{'NAME':<20} {'ID':<28} {'CREATED':<21} {'REVOKED':<21} {'RPM':>8} {'TPM':>10} {'MONTHLY':>12}")
+    for workspace in await store.list_workspaces():
+        limits = await store.get_limits(workspace.id)
+        print(
+            f"{workspace.name:<20} {workspace.id:<28} {_when(workspace.created_at):<21}"
+            f" {_when(workspace.revoked_at):<21} {_limit_text(limits.requests_per_minute):>8}"
+            f" {_limit_text(limits.tokens_per_minute):>10} {_limit_text(limits.monthly_tokens):>12}"
+        )
+    return 0
+
+
+async def limits_command(store: ResponseStore, options: argparse.Namespace) -> int:
+    workspace = await store.get_workspace(options.workspace)
+    if workspace is None:
+        print(f"venna: no workspace named '{options.workspace}'", file=sys.stderr)
+        return 1
+    limits = await store.get_limits(workspace.id)
+    if options.limits_command == "set":
+        changes = {
+            name: getattr(options, name)
+            for name in ("requests_per_minute", "tokens_per_minute", "monthly_tokens")
+            if getattr(options, name) is not None
+        }
+        if not changes:
+            print(
+                "venna: give at least one of --requests-per-minute, --tokens-per-minute, --monthly-tokens",
+                file=sys.stderr,
+            )
+            return 2
+        limits = dataclasses.replace(limits, **{name: value or None for name, value in changes.items()})
+        await store.set_limits(workspace.id, limits)
+    print(
+        f"workspace '{workspace.name}': requests per minute {_limit_text(limits.requests_per_minute)},"
+        f" tokens per minute {_limit_text(limits.tokens_per_minute)},"
+        f" monthly tokens {_limit_text(limits.monthly_tokens)}"
+    )
+    return 0
+
+
 async def store_command(options: argparse.Namespace) -> int:
     """``venna keys …`` and ``venna usage``: the store's maintenance, without a server."""
     try:
@@ -710,17 +1001,30 @@ async def store_command(options: argparse.Namespace) -> int:
     try:
         if options.command == "usage":
             return await usage_report(store, options)
+        if options.command == "workspaces":
+            return await workspaces_command(store, options)
+        if options.command == "limits":
+            return await limits_command(store, options)
         if options.keys_command == "create":
-            key, record = await store.create_key(options.workspace)
-            print(
-                f"created key {record.id} for workspace '{record.workspace}' (shown once):", file=sys.stderr
-            )
+            if options.admin:
+                key, record = await store.create_admin_key()
+                print(f"created admin key {record.id} (shown once):", file=sys.stderr)
+            else:
+                try:
+                    key, record = await store.create_key(options.workspace)
+                except WorkspaceUnavailable as error:
+                    print(f"venna: {error}", file=sys.stderr)
+                    return 1
+                print(
+                    f"created key {record.id} for workspace '{record.workspace}' (shown once):",
+                    file=sys.stderr,
+                )
             print(key)
         elif options.keys_command == "list":
-            print(f"{'ID':<22} {'WORKSPACE':<20} {'KEY':<14} {'CREATED':<21} REVOKED")
-            for record in await store.list_keys():
+            print(f"{'ID':<22} {'WORKSPACE':<20} {'KEY':<15} {'CREATED':<21} REVOKED")
+            for record in await store.list_keys(options.workspace):
                 print(
-                    f"{record.id:<22} {record.workspace:<20} {record.hint:<14} "
+                    f"{record.id:<22} {record.workspace or '(admin)':<20} {record.hint:<15} "
                     f"{_when(record.created_at):<21} {_when(record.revoked_at)}"
                 )
         elif options.keys_command == "revoke":

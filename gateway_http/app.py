@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import Receive
 
-from venna.gateway_http.client import CallError, Metadata, ServiceClient, message_class
+from venna.gateway_http.client import ADMIN_SERVICE, CallError, Metadata, ServiceClient, message_class
 from venna.gateway_http.codec import Codec, CodecError
 from venna.gateway_http.errors import (
     NO_RETRY,
@@ -49,6 +49,8 @@ from venna.gateway_http.parsing import (
 )
 from venna.gateway_http.routes import Binding, bindings, pick
 from venna.gateway_http.sse import EventStreams
+from venna.gateway_http.tracing import middleware as tracing_middleware
+from venna.gateway_http.tracing import traced_client
 from venna.gateway_http.websocket import ResponsesWebSocket
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class ResponsesHttpApp:
         ready: Callable[[], Awaitable[bool]] | None = None,
         cors_origins: Sequence[str] = (),
     ) -> None:
-        self.client = client
+        # With tracing on, a span per call, whose context the call carries.
+        self.client = traced_client(client)
         # Browser origins allowed to call the API ("*" for any); none: no CORS headers at all.
         self.cors_origins = tuple(cors_origins)
         # Whether the service behind should get traffic (GET /readyz); without one, always.
@@ -112,6 +115,8 @@ class ResponsesHttpApp:
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},
             middleware=[
+                # Outermost: a request's span covers everything the shim does for it.
+                *tracing_middleware(),
                 *self._cors(),
                 Middleware(RequestIdMiddleware),
                 Middleware(FramingGuardMiddleware),
@@ -169,7 +174,9 @@ class ResponsesHttpApp:
         if binding.has_body:
             check_content_type(request)
         metadata = forwarded_metadata(request)
-        await self.client.check_key(metadata)
+        if pick(binding, False).containing_service.full_name != ADMIN_SERVICE.full_name:
+            # Before the body is read: an unauthenticated client cannot make the shim read it.
+            await self.client.check_key(metadata)
         if binding.has_body:
             body = await self._read_body(request)
             if len(body) > OFFLOAD_BYTES:

@@ -27,7 +27,8 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from venna.responses.v1 import conversations_pb2, models_pb2, service_pb2, usage_pb2
+from venna.gateway_http.tls import ChannelTls
+from venna.responses.v1 import admin_pb2, conversations_pb2, models_pb2, service_pb2, usage_pb2
 
 # The services the shim serves over HTTP, by their google.api.http annotations.
 SERVICES: tuple[ServiceDescriptor, ...] = (
@@ -35,7 +36,10 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
     models_pb2.DESCRIPTOR.services_by_name["ModelsService"],
     conversations_pb2.DESCRIPTOR.services_by_name["ConversationsService"],
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
 )
+# Its calls take admin keys, not workspace keys: the key is checked by the call itself.
+ADMIN_SERVICE = SERVICES[-1]
 # Large enough for any request body the shim accepts (gRPC's default is 4 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -151,6 +155,9 @@ class _Context:
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         raise CallError(code, details, _status_from_trailers(trailing_metadata))
 
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        """Nothing to send: the shim answers with its own headers (its x-request-id included)."""
+
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         pass
 
@@ -214,9 +221,12 @@ class InProcessClient:
 # Over a channel
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """A channel to a Venna gRPC service, with message limits that fit the shim's."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def open_channel(target: str, tls: ChannelTls | None = None) -> grpc.aio.Channel:
+    """A channel to a Venna gRPC service, with message limits that fit the shim's; over TLS
+    with ``tls`` (its files are read now: TlsFileError, a ValueError, names a bad one)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=(*CHANNEL_OPTIONS, *tls.options()))
 
 
 class ChannelClient:

@@ -14,6 +14,7 @@ from starlette.types import Receive
 from venna.gateway_http.client import Metadata
 from venna.gateway_http.errors import BadRequest, quote
 from venna.gateway_http.middleware import REQUEST_ID_KEY
+from venna.gateway_http.tracing import trace_context
 
 # Bodies larger than this are parsed and decoded in a worker thread, off the event loop.
 OFFLOAD_BYTES = 1024 * 1024
@@ -140,14 +141,16 @@ def forwarded_metadata(request: HTTPConnection) -> Metadata:
     request_id: Metadata = ()
     if REQUEST_ID_KEY in request.scope:
         request_id = (("x-request-id", str(request.scope[REQUEST_ID_KEY])),)
+    # The W3C trace context goes along too, so that a client's trace continues in the service.
+    passed_on = (*request_id, *trace_context(request.scope["headers"]))
     if not authorization:
-        return request_id
+        return passed_on
     # gRPC metadata values are printable ASCII; no valid key is anything else.
     if not (authorization.isascii() and authorization.isprintable()):
         raise BadRequest(
             401, "Invalid API key: the Authorization header is malformed.", None, "invalid_api_key"
         )
-    return (("authorization", authorization), *request_id)
+    return (("authorization", authorization), *passed_on)
 
 
 def drop_unsupported(fields: dict[str, Any]) -> None:

@@ -30,6 +30,8 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from venna.gateway_http.tls import HttpTls
+
 log = logging.getLogger(__name__)
 
 
@@ -231,7 +233,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class HttpServer:
-    """The shim on HOST:PORT; port 0 picks a free one (see ``port`` after start)."""
+    """The shim on HOST:PORT; port 0 picks a free one (see ``port`` after start). With ``tls``,
+    it serves HTTPS (and requires client certificates when ``tls`` names a client CA)."""
 
     def __init__(
         self,
@@ -239,6 +242,7 @@ class HttpServer:
         listen: str,
         shutdown_grace: float = 10.0,
         limits: ConnectionLimits = DEFAULT_LIMITS,
+        tls: HttpTls | None = None,
     ) -> None:
         host, port = split_address(listen)
         config = uvicorn.Config(
@@ -251,7 +255,9 @@ class HttpServer:
             access_log=False,
             timeout_graceful_shutdown=int(shutdown_grace) or None,
             h11_max_incomplete_event_size=limits.max_header_bytes,
+            **(tls.uvicorn_settings() if tls else {}),
         )
+        self._tls = tls
         self._backlog = config.backlog
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -260,7 +266,10 @@ class HttpServer:
 
     async def start(self) -> None:
         """Listens, then serves; OSError (never uvicorn's SystemExit, which would escape the
-        event loop) when the address cannot be listened on."""
+        event loop) when the address cannot be listened on; TlsFileError (a ValueError) names a
+        TLS file that cannot serve, before anything listens."""
+        if self._tls is not None:
+            self._tls.check()
         listening = self._listen()
         self.port = listening.getsockname()[1]
         self._task = asyncio.create_task(self._serve(listening))
@@ -301,6 +310,10 @@ class HttpServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls else "http"
 
     async def stop(self) -> None:
         """Stops accepting, lets open requests finish (streams are ended by the service)."""

@@ -13,10 +13,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from venna.backends.store import open_store
+from venna.backends.tracing import traced_store
 from venna.responses.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     conversations_pb2,
     conversations_pb2_grpc,
     models_pb2,
@@ -26,14 +29,19 @@ from venna.responses.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+from venna.server import tracing
+from venna.server.admin import AdminService
 from venna.server.auth import DEFAULT_MAX_CONCURRENT_PER_KEY, Authenticator, open_handler
 from venna.server.conversations import ConversationsService
 from venna.server.creation import DEFAULT_MAX_BACKGROUND_PER_WORKSPACE, DEFAULT_MAX_CHAIN_DEPTH, Creation
 from venna.server.metrics import Metrics
 from venna.server.models import ModelsService
+from venna.server.quotas import Quotas
+from venna.server.reflection import V1_SERVICE_NAME, reflection_servicer, v1_handlers
 from venna.server.routing import Router, default_router
 from venna.server.runner import BackgroundRunner
 from venna.server.service import ResponsesService
+from venna.server.tls import TlsFiles
 from venna.server.usage import UsageService
 from venna.server.validation import Limits, check_limits
 
@@ -46,6 +54,11 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["ResponsesService"].full_
 USAGE_SERVICE_NAME = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 MODELS_SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name
 CONVERSATIONS_SERVICE_NAME = conversations_pb2.DESCRIPTOR.services_by_name["ConversationsService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# The calls that reach a model: each is admitted within its workspace's limits.
+METERED_METHODS = frozenset(
+    {(SERVICE_NAME, "CreateResponse"), (SERVICE_NAME, "StreamResponse"), (SERVICE_NAME, "CompactResponse")}
+)
 
 
 @dataclass(slots=True)
@@ -93,6 +106,8 @@ class ServerConfig:
     # answer takes longer than keepalive_timeout: dead peers do not hold connections.
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
+    # The gRPC port's certificate and key (and client CA, for mutual TLS); None: plaintext.
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         counts = (
@@ -164,8 +179,11 @@ class VennaServer:
 
     def __init__(self, config: ServerConfig, router: Router | None = None) -> None:
         self.config = config
-        self.store = open_store(config.db_path)
-        self.router = router or default_router(config.routing_config)
+        # With tracing on, a span per store operation (the store itself otherwise).
+        self.store = traced_store(open_store(config.db_path), config.db_path)
+        self.metrics = Metrics()
+        self.store.observe_commits(self.metrics.store_committed)
+        self.router = router or default_router(config.routing_config, observer=self.metrics)
         self.runner = BackgroundRunner(
             self.store, self.router, config.background_concurrency, lease_seconds=config.lease_seconds
         )
@@ -176,17 +194,20 @@ class VennaServer:
             max_chain_depth=config.max_chain_depth,
             max_background_per_workspace=config.max_background_per_workspace,
         )
-        self.metrics = Metrics()
         self.metrics.watch_background(self.runner.counts)
         creation.on_finished(self.metrics.count_usage)
         self.runner.on_finished(self.metrics.count_usage)
+        self.quotas = Quotas(self.store, config.key_cache_seconds)
+        creation.on_finished(self.quotas.record)
+        self.runner.on_finished(self.quotas.record)
         self.service = ResponsesService(self.store, self.runner, creation)
         self.usage = UsageService(self.store)
         self.models = ModelsService(self.router)
         self.conversations = ConversationsService(self.store, creation)
+        self.admin = AdminService(self.store, self.quotas)
         self.health = _Health()
         self.authenticator = Authenticator(
-            self.store, config.key_cache_seconds, config.max_concurrent_per_key
+            self.store, config.key_cache_seconds, config.max_concurrent_per_key, self.quotas
         )
         self.server = grpc.aio.server(
             options=config.grpc_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs
@@ -197,6 +218,7 @@ class VennaServer:
         usage_pb2_grpc.add_UsageServiceServicer_to_server(self.usage, recorder)  # type: ignore[arg-type]
         models_pb2_grpc.add_ModelsServiceServicer_to_server(self.models, recorder)  # type: ignore[arg-type]
         conversations_pb2_grpc.add_ConversationsServiceServicer_to_server(self.conversations, recorder)  # type: ignore[arg-type]
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, recorder)  # type: ignore[arg-type]
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
         def within_limits(request: service_pb2.CreateResponseRequest) -> None:
@@ -209,10 +231,19 @@ class VennaServer:
         for service, handlers in recorder.services.items():
             wrapped = {
                 name: self.metrics.wrap(
-                    service, name, self.authenticator.wrap(handler, checks.get((service, name)))
+                    service,
+                    name,
+                    self.authenticator.wrap(
+                        handler,
+                        checks.get((service, name)),
+                        metered=(service, name) in METERED_METHODS,
+                        admin=service == ADMIN_SERVICE_NAME,
+                    ),
                 )
                 for name, handler in handlers.items()
             }
+            # Outermost: a call's span covers all of it, and parents the store's and upstream's.
+            wrapped = {name: tracing.wrap(service, name, handler) for name, handler in wrapped.items()}
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
             self.server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]  # not in grpc-stubs
             self._handlers.update({f"/{service}/{name}": handler for name, handler in wrapped.items()})
@@ -220,19 +251,18 @@ class VennaServer:
         # be decoded.
         open_services = _HandlerRecorder()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, open_services)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # untyped package
-                (
-                    SERVICE_NAME,
-                    USAGE_SERVICE_NAME,
-                    MODELS_SERVICE_NAME,
-                    CONVERSATIONS_SERVICE_NAME,
-                    health.SERVICE_NAME,
-                    reflection.SERVICE_NAME,
-                )
-            ),
-            open_services,
+        reflecting = reflection_servicer(
+            (
+                SERVICE_NAME,
+                USAGE_SERVICE_NAME,
+                MODELS_SERVICE_NAME,
+                CONVERSATIONS_SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
+                health.SERVICE_NAME,
+            )
         )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, open_services)
+        open_services.add_registered_method_handlers(V1_SERVICE_NAME, v1_handlers(reflecting))
         for service, handlers in open_services.services.items():
             opened = {name: open_handler(handler) for name, handler in handlers.items()}
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, opened),))
@@ -242,19 +272,31 @@ class VennaServer:
         self.draining = False
 
     async def start(self) -> None:
+        # Read first: a bad file is reported before the store is opened or a port bound.
+        credentials = self.config.tls.read().server_credentials() if self.config.tls else None
         await self.store.open(serving=True)
         try:
-            self.port = self.server.add_insecure_port(self.config.grpc_listen)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.config.grpc_listen)
+            else:
+                self.port = self.server.add_secure_port(self.config.grpc_listen, credentials)
         except RuntimeError:
             self.port = 0  # grpc's way of saying the address is taken or invalid
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.grpc_listen} (in use, or not a local address)")
         await self.server.start()
         await self.runner.start()
-        for name in ("", SERVICE_NAME, USAGE_SERVICE_NAME, MODELS_SERVICE_NAME, CONVERSATIONS_SERVICE_NAME):
+        for name in (
+            "",
+            SERVICE_NAME,
+            USAGE_SERVICE_NAME,
+            MODELS_SERVICE_NAME,
+            CONVERSATIONS_SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
+        ):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.started = True
-        log.info("gRPC listening on %s", self.address)
+        log.info("gRPC listening on %s%s", self.address, " (TLS)" if credentials else "")
 
     async def handler(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler of a method as the gRPC server runs it, authentication included."""
@@ -295,6 +337,7 @@ class VennaServer:
         await self.router.aclose()
 
     async def close(self) -> None:
+        await self.quotas.close()
         await self.store.close()
 
     async def stop(self, grace: float | None = None) -> None:

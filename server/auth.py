@@ -24,8 +24,9 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
-from venna.backends.store import ResponseStore
+from venna.backends.store import ADMIN_KEY_PREFIX, KEY_PREFIX, ResponseStore
 from venna.server.errors import ABORTED_WITH, ServiceError
+from venna.server.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ _Stream = Callable[[Any, Context], AsyncGenerator[Any, None]]
 RequestCheck = Callable[[Any], None]
 
 DEFAULT_MAX_CONCURRENT_PER_KEY = 256
+# What a wrapped handler takes: a workspace key; a workspace key within its workspace's limits;
+# an admin key.
+_PLAIN, _METERED, _ADMIN = 0, 1, 2
 
 _workspace: contextvars.ContextVar[str] = contextvars.ContextVar("venna_workspace")
 
@@ -148,17 +152,22 @@ class Authenticator:
         store: ResponseStore,
         key_cache_seconds: float = 5.0,
         max_concurrent_per_key: int = DEFAULT_MAX_CONCURRENT_PER_KEY,
+        quotas: Quotas | None = None,
     ) -> None:
         if max_concurrent_per_key < 1:
             raise ValueError("max_concurrent_per_key must be at least 1")
         self._store = store
         self._keys = KeyCache(key_cache_seconds)
+        # Admin keys apart: an admin key must never be read as a workspace's.
+        self._admin_keys = KeyCache(key_cache_seconds)
         # A revocation anywhere (another process, another replica) ends the key's cache entry
         # here at once where the store can tell; elsewhere the cache window bounds it.
         store.on_key_revoked(self._keys.clear)
+        store.on_key_revoked(self._admin_keys.clear)
         self._max_concurrent = max_concurrent_per_key
         # Calls (and streams) running now, by key.
         self._running: dict[str, int] = {}
+        self._quotas = quotas
 
     async def _key_and_workspace(self, context: Context) -> tuple[str, str]:
         """The call's key and its workspace; raises ServiceError when there is no valid key."""
@@ -174,6 +183,13 @@ class Authenticator:
             generation = self._keys.generation
             found = await self._store.authenticate(key)
             if found is None:
+                if key.startswith(ADMIN_KEY_PREFIX) and await self._store.authenticate_admin(key):
+                    raise ServiceError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "This is an admin key: it manages workspaces through the admin API and cannot"
+                        " call this API as a workspace. Use a workspace key.",
+                        reason="ADMIN_KEY_NOT_ALLOWED",
+                    )
                 raise ServiceError(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "Invalid API key: the key is unknown or has been revoked.",
@@ -181,6 +197,34 @@ class Authenticator:
                 )
             self._keys.put(key, found, generation)
         return key, found
+
+    async def _admin_key(self, context: Context) -> str:
+        """The call's key, when it is a valid admin key; raises ServiceError otherwise."""
+        key = _bearer_key(context)
+        if key is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Missing admin key: send 'authorization: Bearer vka_…'.",
+                reason="MISSING_API_KEY",
+            )
+        if self._admin_keys.get(key) is None:
+            generation = self._admin_keys.generation
+            found = await self._store.authenticate_admin(key)
+            if found is None:
+                if key.startswith(KEY_PREFIX) and await self._store.authenticate(key):
+                    raise ServiceError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "This is a workspace key: the admin API takes admin keys only"
+                        " ('venna keys create --admin').",
+                        reason="ADMIN_KEY_REQUIRED",
+                    )
+                raise ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "Invalid admin key: the key is unknown or has been revoked.",
+                    reason="INVALID_API_KEY",
+                )
+            self._admin_keys.put(key, found, generation)
+        return key
 
     async def verify(self, context: Context) -> None:
         """Aborts ``context`` (with the status a call would get) unless its metadata carries a
@@ -217,39 +261,52 @@ class Authenticator:
         return self._running.get(key, 0)
 
     def wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], check: RequestCheck | None = None
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        check: RequestCheck | None = None,
+        *,
+        metered: bool = False,
+        admin: bool = False,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """``handler`` (unary or server-streaming) behind the key check and error mapping;
-        ``check`` runs on each request once its key is accepted."""
+        ``check`` runs on each request once its key is accepted; a ``metered`` call (one that
+        reaches a model) is admitted only within its workspace's limits; an ``admin`` call takes
+        an admin key instead of a workspace key."""
+        mode = _ADMIN if admin else _METERED if metered else _PLAIN
         deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, check),  # type: ignore[arg-type]  # aio handlers are async
+                self._wrap_unary(handler.unary_unary, check, mode),  # type: ignore[arg-type]  # aio handlers are async
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, check),  # type: ignore[arg-type]
+                self._wrap_stream(handler.unary_stream, check, mode),  # type: ignore[arg-type]
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         raise TypeError("only unary and server-streaming methods are served")
 
-    async def _admit(self, request: Any, context: Context, check: RequestCheck | None) -> str:
-        """Authenticates the call and checks its request; the call's key."""
-        key, workspace = await self._key_and_workspace(context)
-        _workspace.set(workspace)
+    async def _admit(self, request: Any, context: Context, check: RequestCheck | None, mode: int) -> str:
+        """Authenticates the call, checks its request and its workspace's limits; the call's key."""
+        if mode == _ADMIN:
+            key = await self._admin_key(context)
+        else:
+            key, workspace = await self._key_and_workspace(context)
+            _workspace.set(workspace)
         if request is UNDECODABLE:
             raise _undecodable()
         if check is not None:
             check(request)
+        if mode == _METERED and self._quotas is not None:
+            await self._quotas.admit(workspace)
         return key
 
-    def _wrap_unary(self, behavior: _Unary, check: RequestCheck | None) -> _Unary:
+    def _wrap_unary(self, behavior: _Unary, check: RequestCheck | None, mode: int) -> _Unary:
         async def unary(request: Any, context: Context) -> Any:
             try:
-                key = await self._admit(request, context, check)
+                key = await self._admit(request, context, check, mode)
                 with self._admitted(key):
                     return await behavior(request, context)
             except ServiceError as error:
@@ -260,10 +317,10 @@ class Authenticator:
 
         return unary
 
-    def _wrap_stream(self, behavior: _Stream, check: RequestCheck | None) -> _Stream:
+    def _wrap_stream(self, behavior: _Stream, check: RequestCheck | None, mode: int) -> _Stream:
         async def stream(request: Any, context: Context) -> AsyncGenerator[Any, None]:
             try:
-                key = await self._admit(request, context, check)
+                key = await self._admit(request, context, check, mode)
                 with self._admitted(key):
                     # aclosing: when the call ends early, the handler (and the backend under it)
                     # stops now rather than whenever the abandoned generator is collected.

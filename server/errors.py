@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextvars
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -61,7 +62,12 @@ class ServiceError(Exception):
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=dict(self.metadata))
         if self.param:
             info.metadata["param"] = self.param
-        details = [info]
+        details: list[Message] = [info]
+        if "retry_after" in self.metadata:
+            # The standard detail for gRPC clients that honour retry hints.
+            seconds = float(self.metadata["retry_after"])
+            delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         if self.violations:
             details.append(
                 error_details_pb2.BadRequest(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
@@ -81,6 +82,51 @@ class Metrics:
             ["workspace", "model", "kind"],
             registry=self.registry,
         )
+        self.upstream_requests = Counter(
+            "venna_upstream_requests",
+            "Requests to upstream models (each attempt), by upstream and outcome: ok, http_<status>,"
+            " connect_error, timeout, error",
+            ["upstream", "outcome"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "venna_upstream_response_seconds",
+            "Time from sending a request upstream to the start of its answer, by upstream",
+            ["upstream"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_retries = Counter(
+            "venna_upstream_retries",
+            "Upstream requests sent again, by upstream and what the failed attempt got",
+            ["upstream", "reason"],
+            registry=self.registry,
+        )
+        self.store_batch = Histogram(
+            "venna_store_commit_batch_size",
+            "Store calls that shared one commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.store_commit = Histogram(
+            "venna_store_commit_seconds",
+            "Time one commit of the store took, its batch's calls included",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+
+    def store_committed(self, calls: int, seconds: float) -> None:
+        """A commit of the store (called on the store's own thread for SQLite; prometheus-client's
+        metrics take that)."""
+        self.store_batch.observe(calls)
+        self.store_commit.observe(seconds)
+
+    def upstream_request(self, upstream: str, outcome: str, seconds: float) -> None:
+        self.upstream_requests.labels(upstream, outcome).inc()
+        self.upstream_latency.labels(upstream).observe(seconds)
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        self.upstream_retries.labels(upstream, reason).inc()
 
     def watch_background(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_BackgroundCollector(counts))
@@ -122,7 +168,7 @@ class Metrics:
         started: float,
         error: BaseException | None,
         request: Any,
-        context: Any,
+        request_id: str,
     ) -> None:
         seconds = time.perf_counter() - started
         self._latencies[(service, method)].observe(seconds)
@@ -141,7 +187,7 @@ class Metrics:
                 "duration_ms": round(seconds * 1000, 1),
                 "workspace": auth.current_workspace(),
                 "model": getattr(request, "model", "") or None,
-                "request_id": _request_id(context),
+                "request_id": request_id,
             }
             access_log.info(
                 "%s %s %.1fms workspace=%s model=%s request_id=%s",
@@ -150,7 +196,7 @@ class Metrics:
                 fields["duration_ms"],
                 fields["workspace"] or "-",
                 fields["model"] or "-",
-                fields["request_id"] or "-",
+                fields["request_id"],
                 extra=fields,
             )
 
@@ -160,12 +206,13 @@ class Metrics:
         async def unary(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             ABORTED_WITH.set(None)
+            request_id = await _answer_request_id(context)
             try:
                 result = await behavior(request, context)
             except BaseException as error:
-                self._finish(service, method, started, error, request, context)
+                self._finish(service, method, started, error, request, request_id)
                 raise
-            self._finish(service, method, started, None, request, context)
+            self._finish(service, method, started, None, request, request_id)
             return result
 
         return unary
@@ -177,6 +224,7 @@ class Metrics:
         async def stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:
             started = time.perf_counter()
             ABORTED_WITH.set(None)
+            request_id = await _answer_request_id(context)
             gauge.inc()
             error: BaseException | None = None
             try:
@@ -190,9 +238,17 @@ class Metrics:
                 raise
             finally:
                 gauge.dec()
-                self._finish(service, method, started, error, request, context)
+                self._finish(service, method, started, error, request, request_id)
 
         return stream
+
+
+async def _answer_request_id(context: Any) -> str:
+    """The call's request id (the caller's ``x-request-id``, or a new one), sent back in the
+    response headers so that a caller can quote it when it reports a problem."""
+    request_id = _request_id(context) or "req_" + secrets.token_hex(16)
+    await context.send_initial_metadata((("x-request-id", request_id),))
+    return request_id
 
 
 def _request_id(context: Any) -> str | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from venna.backends import registry, venice
-from venna.backends.base import Backend, ModelCatalog, ModelInfo
+from venna.backends.base import UNOBSERVED, Backend, ModelCatalog, ModelInfo, UpstreamObserver
 from venna.backends.echo import MODEL_NAMES
 from venna.server.errors import invalid_argument, quoted
 
@@ -106,7 +106,11 @@ def _base_name(model: str) -> str:
     return head.split("/", 1)[0]
 
 
-def default_router(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Router:
+def default_router(
+    config: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    observer: UpstreamObserver = UNOBSERVED,
+) -> Router:
     """The built-in backends (echo, and Venice from ``VENICE_*``), extended by a ``venna.toml``.
 
     ``config`` defaults to ``./venna.toml`` when that file exists; a named file must exist.
@@ -124,7 +128,8 @@ def default_router(config: Path | None = None, environ: Mapping[str, str] | None
         raise ConfigError(f"{config}: unknown sections {', '.join(sorted(unknown_sections))}")
     echo = registry.get("echo")
     backends: dict[str, Backend] = dict.fromkeys(
-        MODEL_NAMES, echo.build(registry.parse_config(echo, {}), registry.BuildContext("echo", environ))
+        MODEL_NAMES,
+        echo.build(registry.parse_config(echo, {}), registry.BuildContext("echo", environ, observer)),
     )
     sections: dict[str, dict[str, Any]] = {venice.NAME: venice.section(environ)}
     for name, settings in _table(table, "upstreams", config).items():
@@ -134,7 +139,8 @@ def default_router(config: Path | None = None, environ: Mapping[str, str] | None
             raise ConfigError(f"{config}: '{name}' cannot name an upstream")
         sections[name] = {**sections.get(name, {}), **settings}
     for name, settings in sections.items():
-        backends[name] = _build(name, settings, environ, f"{config}: [upstreams.{name}]")
+        context = registry.BuildContext(name, environ, observer)
+        backends[name] = _build(settings, context, f"{config}: [upstreams.{name}]")
     aliases: dict[str, str] = {}
     for alias, target in _table(table, "aliases", config).items():
         if not isinstance(target, str) or not target:
@@ -149,7 +155,7 @@ def default_router(config: Path | None = None, environ: Mapping[str, str] | None
     return Router(backends, aliases)
 
 
-def _build(name: str, section: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Backend:
+def _build(section: Mapping[str, Any], context: registry.BuildContext, where: str) -> Backend:
     """The backend of one ``[upstreams.NAME]`` section, through its kind in the registry."""
     settings = dict(section)
     kind_name = settings.pop("kind", "responses")
@@ -160,7 +166,7 @@ def _build(name: str, section: Mapping[str, Any], environ: Mapping[str, str], wh
     except registry.UnknownKind as error:
         raise ConfigError(f"{where}: {error}") from None
     try:
-        return kind.build(registry.parse_config(kind, settings), registry.BuildContext(name, environ))
+        return kind.build(registry.parse_config(kind, settings), context)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {error}") from None
 

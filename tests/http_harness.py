@@ -31,6 +31,8 @@ class HttpVenna(LoopThread):
     http_port: int = 0
     grpc_address: str = ""
     keys: dict[str, str] = field(default_factory=dict)
+    # The server, once started (its store, its quotas).
+    server: VennaServer | None = None
     # Browser origins the shim answers CORS for; none: no CORS.
     cors_origins: tuple[str, ...] = ()
     # The backends to serve; None: the default routing table (echo, and Venice from VENICE_*).
@@ -47,6 +49,10 @@ class HttpVenna(LoopThread):
     @property
     def beta(self) -> str:
         return self.keys["beta"]
+
+    @property
+    def admin(self) -> str:
+        return self.keys["admin"]
 
     async def startup(self) -> Shutdown:
         server = VennaServer(
@@ -73,6 +79,8 @@ class HttpVenna(LoopThread):
         await http.start()
         for workspace in ("alpha", "beta"):
             self.keys[workspace], _ = await server.store.create_key(workspace)
+        self.keys["admin"], _ = await server.store.create_admin_key()
+        self.server = server
         self.base_url = f"http://127.0.0.1:{http.port}/v1"
         self.http_port = http.port
         self.grpc_address = server.address

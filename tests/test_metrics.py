@@ -10,14 +10,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fake_venice import FakeVenice, error, text_stream
 from tests.http_harness import HttpVenna, running
 from tests.process_harness import serving
 from tests.test_process import client_for, running_server, venna_command
 from tests.test_venice_backend import free_port
+from venna.responses.v1 import models_pb2, models_pb2_grpc
 
 
 @pytest.fixture
@@ -154,6 +157,27 @@ def test_a_clients_request_id_is_kept_passed_on_and_logged(
     assert http_venna.alpha not in caplog.text
 
 
+def test_grpc_callers_get_their_request_id_back_or_a_new_one(
+    http_venna: HttpVenna, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="venna.access")
+    key = (("authorization", f"Bearer {http_venna.alpha}"),)
+    with grpc.insecure_channel(http_venna.grpc_address) as channel:
+        models = models_pb2_grpc.ModelsServiceStub(channel)
+        _, sent = models.ListModels.with_call(
+            models_pb2.ListModelsRequest(), metadata=(*key, ("x-request-id", "grpc-id-7"))
+        )
+        _, fresh = models.ListModels.with_call(models_pb2.ListModelsRequest(), metadata=key)
+        with pytest.raises(grpc.RpcError) as refused:  # an error carries it too
+            models.ListModels(models_pb2.ListModelsRequest(), metadata=(("x-request-id", "grpc-id-8"),))
+    assert dict(sent.initial_metadata())["x-request-id"] == "grpc-id-7"
+    generated = str(dict(fresh.initial_metadata())["x-request-id"])
+    assert generated.startswith("req_") and len(generated) == 36
+    assert dict(refused.value.initial_metadata())["x-request-id"] == "grpc-id-8"  # type: ignore[attr-defined]
+    logged = [record.getMessage() for record in caplog.records if record.name == "venna.access"]
+    assert any(f"request_id={generated}" in line for line in logged)
+
+
 @pytest.mark.parametrize("sent", ["has spaces in it", "x" * 129, "line\\nbreak"])
 def test_an_unusable_request_id_is_replaced(http_venna: HttpVenna, sent: str) -> None:
     reply = httpx.get(f"{http_venna.base_url}/models", headers={"x-request-id": sent})
@@ -186,3 +210,40 @@ def test_json_logs_are_one_object_per_line_with_the_access_fields(tmp_path: Path
     )
     assert access["workspace"].startswith("ws_") and access["duration_ms"] >= 0
     assert key not in log.read_text()
+
+
+# ------------------------------------------------------------------ upstreams and the store
+
+
+def test_upstream_attempts_retries_and_store_commits_are_measured(
+    tmp_path: Path, fake: FakeVenice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VENICE_BASE_URL", fake.base_url)
+    monkeypatch.setenv("VENICE_API_KEY", "metrics-upstream-key")
+    fake.queue(error(503, headers={"retry-after": "0"}), text_stream(["fine", " now"]))
+    venna = HttpVenna(tmp_path / "venna.db")
+    venna.start()  # after the environment names the upstream: the server's routing reads it
+    try:
+        before = scrape(venna)
+        reply = httpx.post(
+            f"{venna.base_url}/responses",
+            json={"model": "venice/some-model", "input": "hi"},
+            headers={"authorization": f"Bearer {venna.alpha}"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        after = scrape(venna)
+    finally:
+        venna.stop()
+    assert value(after, "venna_upstream_requests_total", upstream="venice", outcome="http_503") == 1
+    assert value(after, "venna_upstream_requests_total", upstream="venice", outcome="ok") == 1
+    assert value(after, "venna_upstream_retries_total", upstream="venice", reason="http_503") == 1
+    assert value(after, "venna_upstream_response_seconds_count", upstream="venice") == 2
+    # The response's writes were committed, in batches of at least one call.
+    commits = value(after, "venna_store_commit_seconds_count") - value(
+        before, "venna_store_commit_seconds_count"
+    )
+    assert commits >= 1
+    assert value(after, "venna_store_commit_batch_size_sum") >= value(
+        after, "venna_store_commit_batch_size_count"
+    )

@@ -160,9 +160,16 @@ async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: P
     revoked_id = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("key_")][1]
     assert venna_cli("keys", "revoke", revoked_id, "--db", str(sqlite_file)).returncode == 0
     before = json.loads(venna_cli("usage", "--db", str(sqlite_file), "--json").stdout)
+    admin_key = venna_cli("keys", "create", "--admin", "--db", str(sqlite_file)).stdout.strip()
+    limited = venna_cli(
+        "limits", "set", "--workspace", "alpha", "--monthly-tokens", "123456", "--db", str(sqlite_file)
+    )
+    assert limited.returncode == 0, limited.stderr
 
     copied = venna_cli("db", "copy", "--from", str(sqlite_file), "--to", postgres_url)
     assert copied.returncode == 0, copied.stderr
+    shown = venna_cli("limits", "show", "--workspace", "alpha", "--db", postgres_url)
+    assert "monthly tokens 123456" in shown.stdout  # limits and admin keys come along
     assert "3 responses" in copied.stderr and "2 api_keys" in copied.stderr
     again = venna_cli("db", "copy", "--from", str(sqlite_file), "--to", postgres_url)
     assert (again.returncode == 2 and "not empty" in again.stderr) or "already has" in again.stderr
@@ -196,6 +203,9 @@ async def test_a_sqlite_store_moves_to_postgresql(postgres_url: str, tmp_path: P
                 )
             ).json()
             assert in_conversation["usage"]["input_tokens"] == 2  # "kept", copied, then "more"
+            workspaces = await http.get("/admin/workspaces", headers={"authorization": f"Bearer {admin_key}"})
+            assert workspaces.status_code == 200, workspaces.text
+            assert workspaces.json()["data"][0]["limits"]["monthly_tokens"] == 123456
 
 
 def test_copy_refuses_what_it_cannot_do(postgres_url: str, tmp_path: Path) -> None:

@@ -265,6 +265,38 @@ async def test_health_and_reflection(venna: Venna) -> None:
         assert method in found
 
 
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_both_reflection_protocols_answer_a_real_client(venna: Venna, protocol: str) -> None:
+    """buf curl, asked for one reflection protocol only, lists the services and their methods."""
+    buf = Path(sys.executable).parent / "buf"
+
+    def buf_curl(*args: str) -> subprocess.CompletedProcess[str]:
+        reflecting = ["--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", protocol]
+        return subprocess.run(
+            [str(buf), "curl", *reflecting, *args, f"http://{venna.server.address}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    # In a thread: the server answers on this test's event loop.
+    services = await asyncio.to_thread(buf_curl, "--list-services")
+    assert services.returncode == 0, services.stderr
+    listed = services.stdout.split()
+    for name in (
+        "venna.responses.v1.ResponsesService",
+        "venna.responses.v1.AdminService",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ):
+        assert name in listed
+    methods = await asyncio.to_thread(buf_curl, "--list-methods")
+    assert methods.returncode == 0, methods.stderr
+    assert "venna.responses.v1.ResponsesService/CreateResponse" in methods.stdout.split()
+    assert "grpc.reflection.v1.ServerReflection/ServerReflectionInfo" in methods.stdout.split()
+
+
 def test_generated_code_is_up_to_date() -> None:
     check = subprocess.run(
         [sys.executable, "scripts/gen_protos.py", "--check"],

@@ -18,6 +18,9 @@ from venna.backends.store import (
     ResponseStore,
     StoreUnavailable,
     UnreadableRecord,
+    WindowUse,
+    WorkspaceLimits,
+    WorkspaceUnavailable,
     item_id,
     open_store,
 )
@@ -125,6 +128,95 @@ async def test_keys_authenticate_until_revoked(store: ResponseStore) -> None:
     assert await store.authenticate("vk_" + "x" * 43) is None
     assert await store.authenticate("not a key") is None
     assert [found.name for found in await store.list_workspaces()] == ["alpha"]
+
+
+async def test_admin_keys_are_no_workspace_keys(store: ResponseStore) -> None:
+    admin, record = await store.create_admin_key()
+    assert admin.startswith("vka_") and record.admin and record.workspace == "" and admin not in record.hint
+    workspace_key, _ = await store.create_key("alpha")
+    assert await store.authenticate_admin(admin) == record.id
+    assert await store.authenticate(admin) is None  # never a tenant
+    assert await store.authenticate_admin(workspace_key) is None
+    listed = await store.list_keys()
+    assert [key.admin for key in listed] == [True, False]
+    assert [key.workspace for key in await store.list_keys("alpha")] == ["alpha"]
+    assert await store.list_keys("nobody") == []
+    assert await store.revoke_key(record.id)
+    assert await store.authenticate_admin(admin) is None
+    assert (await store.list_keys())[0].revoked_at is not None
+
+
+async def test_workspaces_are_made_and_revoked_with_their_keys(store: ResponseStore) -> None:
+    heard: list[None] = []
+    store.on_key_revoked(lambda: heard.append(None))
+    made = await store.create_workspace("alpha")
+    assert made is not None and made.name == "alpha" and made.revoked_at is None
+    assert await store.create_workspace("alpha") is None  # names are unique
+    assert await store.get_workspace("alpha") == made
+    assert await store.get_workspace("beta") is None
+    with pytest.raises(WorkspaceUnavailable):
+        await store.create_key("beta", create_workspace=False)
+    key, _ = await store.create_key("alpha", create_workspace=False)
+    assert await store.authenticate(key) == made.id
+    revoked = await store.revoke_workspace("alpha")
+    assert revoked is not None and revoked.id == made.id and revoked.revoked_at is not None
+    assert await store.authenticate(key) is None
+    with pytest.raises(WorkspaceUnavailable):
+        await store.create_key("alpha")
+    assert await store.revoke_workspace("beta") is None
+    assert [(found.name, found.revoked_at is not None) for found in await store.list_workspaces()] == [
+        ("alpha", True)
+    ]
+    deadline = time.monotonic() + 5
+    while not heard:  # the key cache must hear of the keys revoked with the workspace
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def test_limits_are_kept_per_workspace(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    assert await store.get_limits(alpha) == WorkspaceLimits()
+    assert not WorkspaceLimits().any
+    await store.set_limits(alpha, WorkspaceLimits(requests_per_minute=5, monthly_tokens=1000))
+    assert await store.get_limits(alpha) == WorkspaceLimits(5, None, 1000)
+    assert await store.get_limits(beta) == WorkspaceLimits()
+    await store.set_limits(alpha, WorkspaceLimits(tokens_per_minute=70))
+    assert await store.get_limits(alpha) == WorkspaceLimits(None, 70, None)
+
+
+async def test_rate_windows_count_requests_up_to_a_bound(store: ResponseStore) -> None:
+    alpha, beta = await workspaces(store)
+    window = 1_800_000_000
+    taken = [await store.take_request(alpha, window, max_requests=3, max_tokens=None) for _ in range(5)]
+    assert [ok for ok, _ in taken] == [True, True, True, False, False]
+    assert taken[-1][1] == WindowUse(3, 0)
+    assert await store.window_use(alpha, window) == WindowUse(3, 0)
+    assert await store.window_use(beta, window) == WindowUse(0, 0)  # per workspace
+    assert await store.window_use(alpha, window + 60) == WindowUse(0, 0)  # per window
+    await store.add_window_tokens(alpha, window, 40)
+    await store.add_window_tokens(alpha, window, 2)
+    assert await store.take_request(alpha, window, max_requests=None, max_tokens=42) == (
+        False,
+        WindowUse(3, 42),
+    )
+    assert await store.take_request(alpha, window, max_requests=None, max_tokens=43) == (
+        True,
+        WindowUse(4, 42),
+    )
+    await store.add_window_tokens(beta, window + 60, 7)  # a window made by tokens alone
+    assert await store.window_use(beta, window + 60) == WindowUse(0, 7)
+    await store.prune_windows(window + 60)
+    assert await store.window_use(alpha, window) == WindowUse(0, 0)
+    assert await store.window_use(beta, window + 60) == WindowUse(0, 7)
+
+
+async def test_concurrent_requests_never_pass_the_bound(store: ResponseStore) -> None:
+    alpha, _ = await workspaces(store)
+    results = await asyncio.gather(
+        *(store.take_request(alpha, 60, max_requests=10, max_tokens=None) for _ in range(40))
+    )
+    assert sum(ok for ok, _ in results) == 10
+    assert await store.window_use(alpha, 60) == WindowUse(10, 0)
 
 
 async def test_a_revocation_is_announced(store: ResponseStore) -> None:

@@ -66,6 +66,8 @@ def build(config: ResponsesConfig, context: BuildContext) -> ResponsesUpstream:
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
         max_attempts=config.max_attempts,
+        name=context.name,
+        observer=context.observer,
     )
 
 

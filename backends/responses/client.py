@@ -45,6 +45,7 @@ from venna.backends.responses.chat import (
 from venna.backends.responses.errors import retry_after_seconds, truncated, upstream_error
 from venna.backends.responses.requests import upstream_model, upstream_request
 from venna.backends.responses.streams import SseEvent, StreamTranslator, sse_batches, whole_response_events
+from venna.backends.tracing import upstream_trace_configs
 
 # Venice's Responses API, OpenAI's, or chat completions (backends/responses/chat.py).
 DIALECTS = ("venice", "openai", "chat")
@@ -101,6 +102,8 @@ class ResponsesUpstream:
         read_timeout: float = 60.0,
         max_attempts: int = 3,
         backoff_base: float = 0.25,
+        name: str = "",
+        observer: base.UpstreamObserver = base.UNOBSERVED,
     ) -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
@@ -119,6 +122,9 @@ class ResponsesUpstream:
         self._api_key = api_key
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
+        # How this upstream is named in metrics: its routing-table name.
+        self.name = name or prefix.rstrip("/") or self.base_url
+        self._observer = observer
         self._draining: set[asyncio.Task[None]] = set()
         # The upstream's models and when they were fetched; one fetch at a time.
         self._models: tuple[float, list[base.ModelInfo]] | None = None
@@ -135,7 +141,10 @@ class ResponsesUpstream:
         grow with concurrency (scripts/bench_c.py, section upstream)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout
+                connector=aiohttp.TCPConnector(limit=256),
+                timeout=self._timeout,
+                # A span per request, with traceparent sent up, when tracing is on.
+                trace_configs=upstream_trace_configs(),
             )
         return self._session
 
@@ -295,11 +304,14 @@ class ResponsesUpstream:
         if self._api_key:
             headers["authorization"] = f"Bearer {self._api_key}"
         data = json.dumps(body).encode()
+        observe = self._observer.upstream_request
         for attempt in range(1, self._max_attempts + 1):
             last = attempt == self._max_attempts
+            started = time.perf_counter()
             try:
                 response = await self._http().post(f"{self.base_url}{path}", data=data, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                observe(self.name, "connect_error", time.perf_counter() - started)
                 # Nothing reached the upstream: safe to try again.
                 if last:
                     raise base.BackendError(
@@ -307,21 +319,26 @@ class ResponsesUpstream:
                         f"Cannot reach the upstream model: {_described(error)}.",
                         code="server_error",
                     ) from None
+                self._observer.upstream_retry(self.name, "connect_error")
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
             except (TimeoutError, aiohttp.ServerTimeoutError):
+                observe(self.name, "timeout", time.perf_counter() - started)
                 # The upstream may be working (and billing) on it: never send it twice.
                 raise base.BackendError(
                     base.ErrorKind.TIMEOUT, "The upstream model did not answer in time.", code="server_error"
                 ) from None
             except aiohttp.ClientError as error:
+                observe(self.name, "error", time.perf_counter() - started)
                 raise base.BackendError(
                     base.ErrorKind.UNAVAILABLE,
                     f"The upstream connection failed: {_described(error)}.",
                     code="server_error",
                 ) from None
             if 200 <= response.status < 300:
+                observe(self.name, "ok", time.perf_counter() - started)
                 return response
+            observe(self.name, f"http_{response.status}", time.perf_counter() - started)
             if response.status in not_offered:
                 response.release()
                 return None
@@ -335,6 +352,7 @@ class ResponsesUpstream:
             if response.status in _RETRIED_STATUSES and not last:
                 wait = self._backoff(attempt, retry_after)
                 if wait <= _MAX_RETRY_WAIT:
+                    self._observer.upstream_retry(self.name, f"http_{response.status}")
                     await asyncio.sleep(wait)
                     continue
             raise upstream_error(response.status, content, retry_after)

@@ -21,13 +21,19 @@ from venna.backends.store.protocol import (
     StoreUnavailable,
     UnreadableRecord,
     UsageTotal,
+    WindowUse,
     Workspace,
+    WorkspaceLimits,
+    WorkspaceUnavailable,
     item_id,
     sum_usage,
     unreadable_response,
 )
+from venna.backends.store.records import ADMIN_KEY_PREFIX, KEY_PREFIX
 
 __all__ = [
+    "ADMIN_KEY_PREFIX",
+    "KEY_PREFIX",
     "UNREADABLE_MESSAGE",
     "ChainTooDeep",
     "EventWatch",
@@ -40,7 +46,10 @@ __all__ = [
     "StoreUnavailable",
     "UnreadableRecord",
     "UsageTotal",
+    "WindowUse",
     "Workspace",
+    "WorkspaceLimits",
+    "WorkspaceUnavailable",
     "copy_store",
     "describe",
     "item_id",

@@ -33,13 +33,19 @@ class StoreUnavailable(Exception):
     """The store cannot be opened (a file that is not a database, a server that refuses)."""
 
 
+class WorkspaceUnavailable(Exception):
+    """A key cannot be made for the workspace: it does not exist, or it was revoked."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
+    # The workspace's name; empty for an admin key.
     workspace: str
     hint: str
     created_at: int
     revoked_at: int | None
+    admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,32 @@ class Workspace:
     id: str
     name: str
     created_at: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceLimits:
+    """What a workspace may use; None is no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    monthly_tokens: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return (
+            self.requests_per_minute is not None
+            or self.tokens_per_minute is not None
+            or self.monthly_tokens is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """What a workspace used in one rate window (a minute): requests admitted, tokens recorded."""
+
+    requests: int
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,20 +221,45 @@ class ResponseStore(Protocol):
 
     # ------------------------------------------------------------------ keys and workspaces
 
-    def create_key(self, workspace_name: str) -> Awaitable[tuple[str, KeyRecord]]:
-        """A new key of the workspace (created if new); the plaintext is returned only here."""
+    def create_key(
+        self, workspace_name: str, *, create_workspace: bool = True
+    ) -> Awaitable[tuple[str, KeyRecord]]:
+        """A new key of the workspace (created if new and ``create_workspace``); the plaintext
+        is returned only here. Raises WorkspaceUnavailable for a revoked workspace, or for an
+        unknown one when it may not be created."""
         ...
 
-    def list_keys(self) -> Awaitable[list[KeyRecord]]: ...
+    def create_admin_key(self) -> Awaitable[tuple[str, KeyRecord]]:
+        """A new admin key (of no workspace); the plaintext is returned only here."""
+        ...
+
+    def list_keys(self, workspace_name: str | None = None) -> Awaitable[list[KeyRecord]]:
+        """Keys, oldest first: of one workspace, or every key (admin keys included)."""
+        ...
 
     def revoke_key(self, key_id: str) -> Awaitable[bool]:
-        """False if there is no active key with that id."""
+        """False if there is no active key (workspace or admin) with that id."""
+        ...
+
+    def create_workspace(self, name: str) -> Awaitable[Workspace | None]:
+        """A new workspace; None if the name is taken."""
+        ...
+
+    def get_workspace(self, name: str) -> Awaitable[Workspace | None]: ...
+
+    def revoke_workspace(self, name: str) -> Awaitable[Workspace | None]:
+        """Revokes the workspace and every key of it (its data stays); None if unknown."""
         ...
 
     def list_workspaces(self) -> Awaitable[list[Workspace]]: ...
 
     def authenticate(self, key: str) -> Awaitable[str | None]:
-        """The workspace id of a valid, unrevoked key; None otherwise."""
+        """The workspace id of a valid, unrevoked workspace key; None otherwise (admin keys
+        included)."""
+        ...
+
+    def authenticate_admin(self, key: str) -> Awaitable[str | None]:
+        """The id of a valid, unrevoked admin key; None otherwise."""
         ...
 
     def on_key_revoked(self, callback: Callable[[], None]) -> None:
@@ -427,6 +484,42 @@ class ResponseStore(Protocol):
     ) -> Awaitable[list[UsageTotal]]:
         """Token totals of the workspace's responses created in [since, until), per model or as
         one total; none for an empty range."""
+        ...
+
+    # ------------------------------------------------------------------ limits
+
+    def set_limits(self, workspace_id: str, limits: WorkspaceLimits) -> Awaitable[None]:
+        """Replaces the workspace's limits."""
+        ...
+
+    def get_limits(self, workspace_id: str) -> Awaitable[WorkspaceLimits]:
+        """The workspace's limits; none set is ``WorkspaceLimits()``."""
+        ...
+
+    def take_request(
+        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> Awaitable[tuple[bool, WindowUse]]:
+        """Counts one request in the workspace's rate window ``window`` (a minute's start, unix
+        seconds) if, before it, the window has fewer than ``max_requests`` requests and fewer
+        than ``max_tokens`` tokens (None: no bound), atomically for every process on the store.
+        Whether it was counted, and the window's use after."""
+        ...
+
+    def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> Awaitable[None]:
+        """Adds tokens of finished responses to the workspace's rate window."""
+        ...
+
+    def window_use(self, workspace_id: str, window: int) -> Awaitable[WindowUse]:
+        """The workspace's use of one rate window (zero when none was recorded)."""
+        ...
+
+    def prune_windows(self, before: int) -> Awaitable[None]:
+        """Forgets every rate window that starts before ``before``."""
+        ...
+
+    def observe_commits(self, observer: Callable[[int, float], None]) -> None:
+        """Calls ``observer(writes, seconds)`` after each commit of queued writes: how many
+        shared it and how long it took (metrics). May be called from the store's own thread."""
         ...
 
     def ping(self) -> Awaitable[None]:

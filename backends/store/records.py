@@ -5,6 +5,7 @@ fails per record."""
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,14 +19,17 @@ from venna.backends.store.protocol import (
     Lease,
     PendingResponse,
     UnreadableRecord,
+    WorkspaceLimits,
     item_id,
     unreadable_response,
 )
 from venna.responses.v1 import events_pb2, response_pb2, service_pb2
 
 INPUT, OUTPUT = 0, 1
-# Every key begins so: anything else is refused without a lookup.
+# Every workspace key begins so, every admin key with ADMIN_KEY_PREFIX: anything else is
+# refused without a lookup.
 KEY_PREFIX = "vk_"
+ADMIN_KEY_PREFIX = "vka_"
 
 _M = TypeVar("_M", bound=Message)
 
@@ -106,6 +110,37 @@ def pending_response(
     if response is None:
         response = unreadable_response(response_id, created_at, background=background, status=status)
     return PendingResponse(workspace_id, response, kept, unreadable=unreadable, cancelling=cancelling)
+
+
+def new_secret(prefix: str) -> str:
+    """A new key: the prefix and 256 random bits."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def key_hint(key: str) -> str:
+    """Enough of a key to tell it from others in a listing, never enough to use it."""
+    return key[: key.index("_") + 5] + "…" + key[-4:]
+
+
+def new_workspace_id() -> str:
+    return "ws_" + secrets.token_hex(12)
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def new_admin_key_id() -> str:
+    return "akey_" + secrets.token_hex(8)
+
+
+def limit_columns(limits: WorkspaceLimits) -> tuple[int | None, int | None, int | None]:
+    return (limits.requests_per_minute, limits.tokens_per_minute, limits.monthly_tokens)
+
+
+def limits_of(row: Sequence[int | None] | None) -> WorkspaceLimits:
+    """The limits of a row of limit_columns (none for no row)."""
+    return WorkspaceLimits(*row) if row else WorkspaceLimits()
 
 
 def hash_key(key: str) -> str:

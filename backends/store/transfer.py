@@ -23,8 +23,14 @@ BATCH_ROWS = 1000
 # (table, columns, order): copied in this order, so that keys follow their workspaces and keys
 # keep their creation order.
 _TABLES: list[tuple[str, tuple[str, ...], str]] = [
-    ("workspaces", ("id", "name", "created_at"), "rowid"),
+    ("workspaces", ("id", "name", "created_at", "revoked_at"), "rowid"),
     ("api_keys", ("id", "workspace_id", "key_hash", "key_hint", "created_at", "revoked_at"), "rowid"),
+    ("admin_keys", ("id", "key_hash", "key_hint", "created_at", "revoked_at"), "rowid"),
+    (
+        "workspace_limits",
+        ("workspace_id", "requests_per_minute", "tokens_per_minute", "monthly_tokens"),
+        "workspace_id",
+    ),
     (
         "responses",
         (

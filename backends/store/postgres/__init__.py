@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -33,10 +32,14 @@ from venna.backends.store.protocol import (
     StoreUnavailable,
     UnreadableRecord,
     UsageTotal,
+    WindowUse,
     Workspace,
+    WorkspaceLimits,
+    WorkspaceUnavailable,
     item_id,
 )
 from venna.backends.store.records import (
+    ADMIN_KEY_PREFIX,
     INPUT,
     KEY_PREFIX,
     OUTPUT,
@@ -48,7 +51,14 @@ from venna.backends.store.records import (
     event_rows,
     hash_key,
     item_rows,
+    key_hint,
+    limit_columns,
+    limits_of,
+    new_admin_key_id,
+    new_key_id,
     new_response_rows,
+    new_secret,
+    new_workspace_id,
     pending_response,
     terminal_event_of,
     usage_row,
@@ -123,6 +133,7 @@ class PostgresStore:
         self._writer: asyncio.Task[None] | None = None
         self._revoked: list[Callable[[], None]] = []
         self._cancelling: list[Callable[[str], None]] = []
+        self._commit_observer: Callable[[int, float], None] = _unobserved
         # One connection of its own, listening for notifications of other processes; and the
         # task bringing it back after it is lost.
         self._listener: Connection | None = None
@@ -231,7 +242,9 @@ class PostgresStore:
                     stop = True
                     break
                 batch.append(queued)
+            started = time.perf_counter()
             await self._commit(batch)
+            self._commit_observer(len(batch), time.perf_counter() - started)
             if stop:
                 return
 
@@ -298,46 +311,82 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ keys and workspaces
 
-    async def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+    async def create_key(
+        self, workspace_name: str, *, create_workspace: bool = True
+    ) -> tuple[str, KeyRecord]:
+        key = new_secret(KEY_PREFIX)
         now = int(time.time())
         async with self.pool.acquire() as connection, connection.transaction():
-            workspace_id = await connection.fetchval(
-                "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-                "ws_" + secrets.token_hex(12),
-                workspace_name,
-                now,
+            if create_workspace:
+                await connection.execute(
+                    "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    new_workspace_id(),
+                    workspace_name,
+                    now,
+                )
+            # FOR SHARE: a revocation of the workspace cannot commit between this check and the key.
+            row = await connection.fetchrow(
+                "SELECT id, revoked_at FROM workspaces WHERE name = $1 FOR SHARE", workspace_name
             )
+            if row is None:
+                raise WorkspaceUnavailable(f"No workspace named {workspace_name!r}.")
+            if row["revoked_at"] is not None:
+                raise WorkspaceUnavailable(f"Workspace {workspace_name!r} is revoked.")
             record = KeyRecord(
-                id="key_" + secrets.token_hex(8),
-                workspace=workspace_name,
-                hint=key[:7] + "…" + key[-4:],
-                created_at=now,
-                revoked_at=None,
+                id=new_key_id(), workspace=workspace_name, hint=key_hint(key), created_at=now, revoked_at=None
             )
             await connection.execute(
                 "INSERT INTO api_keys (id, workspace_id, key_hash, key_hint, created_at)"
                 " VALUES ($1, $2, $3, $4, $5)",
                 record.id,
-                workspace_id,
+                row["id"],
                 hash_key(key),
                 record.hint,
                 now,
             )
         return key, record
 
-    async def list_keys(self) -> list[KeyRecord]:
-        rows = await self.pool.fetch(
-            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
-            " JOIN workspaces w ON w.id = k.workspace_id ORDER BY k.seq"
+    async def create_admin_key(self) -> tuple[str, KeyRecord]:
+        key = new_secret(ADMIN_KEY_PREFIX)
+        record = KeyRecord(
+            id=new_admin_key_id(),
+            workspace="",
+            hint=key_hint(key),
+            created_at=int(time.time()),
+            revoked_at=None,
+            admin=True,
         )
-        return [KeyRecord(*row) for row in rows]
+        await self.pool.execute(
+            "INSERT INTO admin_keys (id, key_hash, key_hint, created_at) VALUES ($1, $2, $3, $4)",
+            record.id,
+            hash_key(key),
+            record.hint,
+            record.created_at,
+        )
+        return key, record
+
+    async def list_keys(self, workspace_name: str | None = None) -> list[KeyRecord]:
+        if workspace_name is not None:
+            rows = await self.pool.fetch(
+                "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
+                " JOIN workspaces w ON w.id = k.workspace_id WHERE w.name = $1 ORDER BY k.seq",
+                workspace_name,
+            )
+            return [KeyRecord(*row) for row in rows]
+        rows = await self.pool.fetch(
+            "SELECT * FROM (SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at, false AS admin,"
+            " 1 AS kind, k.seq FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id"
+            " UNION ALL SELECT id, '', key_hint, created_at, revoked_at, true, 0, seq FROM admin_keys)"
+            " AS keys ORDER BY created_at, kind, seq"
+        )
+        return [KeyRecord(*row[:6]) for row in rows]
 
     async def revoke_key(self, key_id: str) -> bool:
+        table = "admin_keys" if key_id.startswith("akey_") else "api_keys"
         async with self.pool.acquire() as connection, connection.transaction():
             status = await connection.execute(
-                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                f"UPDATE {table} SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 int(time.time()),
                 key_id,
             )
@@ -346,6 +395,42 @@ class PostgresStore:
             # Delivered at commit to every process listening, this one included.
             await connection.execute(f"NOTIFY {_KEYS_CHANNEL}")
         return True
+
+    async def create_workspace(self, name: str) -> Workspace | None:
+        workspace = Workspace(id=new_workspace_id(), name=name, created_at=int(time.time()))
+        status = await self.pool.execute(
+            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+            workspace.id,
+            workspace.name,
+            workspace.created_at,
+        )
+        return workspace if status == "INSERT 0 1" else None
+
+    async def get_workspace(self, name: str) -> Workspace | None:
+        row = await self.pool.fetchrow(
+            "SELECT id, name, created_at, revoked_at FROM workspaces WHERE name = $1", name
+        )
+        return Workspace(*row) if row else None
+
+    async def revoke_workspace(self, name: str) -> Workspace | None:
+        now = int(time.time())
+        async with self.pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "UPDATE workspaces SET revoked_at = COALESCE(revoked_at, $1) WHERE name = $2"
+                " RETURNING id, name, created_at, revoked_at",
+                now,
+                name,
+            )
+            if row is None:
+                return None
+            status = await connection.execute(
+                "UPDATE api_keys SET revoked_at = $1 WHERE workspace_id = $2 AND revoked_at IS NULL",
+                now,
+                row["id"],
+            )
+            if status != "UPDATE 0":
+                await connection.execute(f"NOTIFY {_KEYS_CHANNEL}")
+        return Workspace(*row)
 
     def on_key_revoked(self, callback: Callable[[], None]) -> None:
         self._revoked.append(callback)
@@ -388,7 +473,7 @@ class PostgresStore:
             callback(str(payload))
 
     async def list_workspaces(self) -> list[Workspace]:
-        rows = await self.pool.fetch("SELECT id, name, created_at FROM workspaces ORDER BY name")
+        rows = await self.pool.fetch("SELECT id, name, created_at, revoked_at FROM workspaces ORDER BY name")
         return [Workspace(*row) for row in rows]
 
     async def authenticate(self, key: str) -> str | None:
@@ -398,6 +483,72 @@ class PostgresStore:
             "SELECT workspace_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key)
         )
         return found
+
+    async def authenticate_admin(self, key: str) -> str | None:
+        if not key.startswith(ADMIN_KEY_PREFIX):
+            return None
+        found: str | None = await self.pool.fetchval(
+            "SELECT id FROM admin_keys WHERE key_hash = $1 AND revoked_at IS NULL", hash_key(key)
+        )
+        return found
+
+    # ------------------------------------------------------------------ limits
+
+    async def set_limits(self, workspace_id: str, limits: WorkspaceLimits) -> None:
+        await self.pool.execute(
+            "INSERT INTO workspace_limits (workspace_id, requests_per_minute, tokens_per_minute,"
+            " monthly_tokens) VALUES ($1, $2, $3, $4) ON CONFLICT (workspace_id) DO UPDATE SET"
+            " requests_per_minute = EXCLUDED.requests_per_minute,"
+            " tokens_per_minute = EXCLUDED.tokens_per_minute, monthly_tokens = EXCLUDED.monthly_tokens",
+            workspace_id,
+            *limit_columns(limits),
+        )
+
+    async def get_limits(self, workspace_id: str) -> WorkspaceLimits:
+        row = await self.pool.fetchrow(
+            "SELECT requests_per_minute, tokens_per_minute, monthly_tokens FROM workspace_limits"
+            " WHERE workspace_id = $1",
+            workspace_id,
+        )
+        return limits_of(tuple(row) if row else None)
+
+    async def take_request(
+        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> tuple[bool, WindowUse]:
+        # One statement: the row lock of the upsert orders the requests of every replica.
+        row = await self.pool.fetchrow(
+            "INSERT INTO rate_windows AS w (workspace_id, window_start, requests) VALUES ($1, $2, 1)"
+            " ON CONFLICT (workspace_id, window_start) DO UPDATE SET requests = w.requests + 1"
+            " WHERE ($3::bigint IS NULL OR w.requests < $3) AND ($4::bigint IS NULL OR w.tokens < $4)"
+            " RETURNING requests, tokens",
+            workspace_id,
+            window,
+            max_requests,
+            max_tokens,
+        )
+        if row is not None:
+            return True, WindowUse(row["requests"], row["tokens"])
+        return False, await self.window_use(workspace_id, window)
+
+    async def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> None:
+        await self.pool.execute(
+            "INSERT INTO rate_windows AS w (workspace_id, window_start, tokens) VALUES ($1, $2, $3)"
+            " ON CONFLICT (workspace_id, window_start) DO UPDATE SET tokens = w.tokens + EXCLUDED.tokens",
+            workspace_id,
+            window,
+            tokens,
+        )
+
+    async def window_use(self, workspace_id: str, window: int) -> WindowUse:
+        row = await self.pool.fetchrow(
+            "SELECT requests, tokens FROM rate_windows WHERE workspace_id = $1 AND window_start = $2",
+            workspace_id,
+            window,
+        )
+        return WindowUse(row["requests"], row["tokens"]) if row else WindowUse(0, 0)
+
+    async def prune_windows(self, before: int) -> None:
+        await self.pool.execute("DELETE FROM rate_windows WHERE window_start < $1", before)
 
     # ------------------------------------------------------------------ responses
 
@@ -705,6 +856,9 @@ class PostgresStore:
         self._cancelling.append(callback)
 
     # ------------------------------------------------------------------ usage
+
+    def observe_commits(self, observer: Callable[[int, float], None]) -> None:
+        self._commit_observer = observer
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -1031,3 +1185,7 @@ async def _add_conversation_items(
             "INSERT INTO conversation_items (conversation_id, item_id, body) VALUES ($1, $2, $3)",
             [(conversation_id, item_id(item), item.SerializeToString()) for item in items],
         )
+
+
+def _unobserved(writes: int, seconds: float) -> None:
+    pass

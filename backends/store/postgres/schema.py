@@ -116,6 +116,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id);
         """,
     ),
+    (
+        # Revoked workspaces, admin keys, limits per workspace and the rate windows that
+        # enforce them on every replica.
+        "m004_administration",
+        """
+        ALTER TABLE workspaces ADD COLUMN revoked_at bigint;
+        CREATE TABLE admin_keys (
+            id text PRIMARY KEY,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            key_hash text NOT NULL UNIQUE,
+            key_hint text NOT NULL,
+            created_at bigint NOT NULL,
+            revoked_at bigint
+        );
+        CREATE TABLE workspace_limits (
+            workspace_id text PRIMARY KEY,
+            requests_per_minute bigint,
+            tokens_per_minute bigint,
+            monthly_tokens bigint
+        );
+        CREATE TABLE rate_windows (
+            workspace_id text NOT NULL,
+            window_start bigint NOT NULL,
+            requests bigint NOT NULL DEFAULT 0,
+            tokens bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (workspace_id, window_start)
+        );
+        """,
+    ),
 ]
 
 

@@ -23,7 +23,9 @@ from venna.backends.store.protocol import (
     Renewal,
     StoreUnavailable,
     UsageTotal,
+    WindowUse,
     Workspace,
+    WorkspaceLimits,
 )
 from venna.backends.store.records import event_rows, new_response_rows, usage_rows
 from venna.backends.store.sqlite.queries import Store
@@ -70,24 +72,47 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ keys and workspaces
 
-    def create_key(self, workspace_name: str) -> asyncio.Future[tuple[str, KeyRecord]]:
-        return self._thread.call(self.queries.create_key, workspace_name)
+    def create_key(
+        self, workspace_name: str, *, create_workspace: bool = True
+    ) -> asyncio.Future[tuple[str, KeyRecord]]:
+        return self._thread.call(self.queries.create_key, workspace_name, create_workspace=create_workspace)
 
-    def list_keys(self) -> asyncio.Future[list[KeyRecord]]:
-        return self._thread.call(self.queries.list_keys)
+    def create_admin_key(self) -> asyncio.Future[tuple[str, KeyRecord]]:
+        return self._thread.call(self.queries.create_admin_key)
+
+    def list_keys(self, workspace_name: str | None = None) -> asyncio.Future[list[KeyRecord]]:
+        return self._thread.call(self.queries.list_keys, workspace_name)
 
     async def revoke_key(self, key_id: str) -> bool:
         revoked = await self._thread.call(self.queries.revoke_key, key_id)
         if revoked:
-            for callback in self._revoked:
-                callback()
+            self._announce_revocation()
         return revoked
+
+    def _announce_revocation(self) -> None:
+        for callback in self._revoked:
+            callback()
+
+    def create_workspace(self, name: str) -> asyncio.Future[Workspace | None]:
+        return self._thread.call(self.queries.create_workspace, name)
+
+    def get_workspace(self, name: str) -> asyncio.Future[Workspace | None]:
+        return self._thread.call(self.queries.get_workspace, name)
+
+    async def revoke_workspace(self, name: str) -> Workspace | None:
+        workspace, keys_revoked = await self._thread.call(self.queries.revoke_workspace, name)
+        if keys_revoked:
+            self._announce_revocation()
+        return workspace
 
     def list_workspaces(self) -> asyncio.Future[list[Workspace]]:
         return self._thread.call(self.queries.list_workspaces)
 
     def authenticate(self, key: str) -> asyncio.Future[str | None]:
         return self._thread.call(self.queries.authenticate, key)
+
+    def authenticate_admin(self, key: str) -> asyncio.Future[str | None]:
+        return self._thread.call(self.queries.authenticate_admin, key)
 
     def on_key_revoked(self, callback: Callable[[], None]) -> None:
         # SQLite tells no other process: a revocation by `venna keys revoke` reaches a running
@@ -219,6 +244,32 @@ class SqliteStore:
     def on_cancel_requested(self, callback: Callable[[str], None]) -> None:
         # Only this process uses the file: its own requests are the only ones.
         self._cancelling.append(callback)
+
+    # ------------------------------------------------------------------ limits
+
+    def set_limits(self, workspace_id: str, limits: WorkspaceLimits) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.set_limits, workspace_id, limits)
+
+    def get_limits(self, workspace_id: str) -> asyncio.Future[WorkspaceLimits]:
+        return self._thread.call(self.queries.get_limits, workspace_id)
+
+    def take_request(
+        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> asyncio.Future[tuple[bool, WindowUse]]:
+        return self._thread.call(self.queries.take_request, workspace_id, window, max_requests, max_tokens)
+
+    def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.add_window_tokens, workspace_id, window, tokens)
+
+    def window_use(self, workspace_id: str, window: int) -> asyncio.Future[WindowUse]:
+        return self._thread.call(self.queries.window_use, workspace_id, window)
+
+    def prune_windows(self, before: int) -> asyncio.Future[None]:
+        return self._thread.call(self.queries.prune_windows, before)
+
+    def observe_commits(self, observer: Callable[[int, float], None]) -> None:
+        # Every call runs in a batch of the store's thread, reads included: a batch is a commit.
+        self._thread.observer = observer
 
     def ping(self) -> asyncio.Future[None]:
         return self._thread.call(self.queries.ping)

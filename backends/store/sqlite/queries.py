@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,10 +20,14 @@ from venna.backends.store.protocol import (
     Renewal,
     UnreadableRecord,
     UsageTotal,
+    WindowUse,
     Workspace,
+    WorkspaceLimits,
+    WorkspaceUnavailable,
     item_id,
 )
 from venna.backends.store.records import (
+    ADMIN_KEY_PREFIX,
     INPUT,
     KEY_PREFIX,
     OUTPUT,
@@ -36,6 +39,13 @@ from venna.backends.store.records import (
     event_tuples,
     hash_key,
     item_rows,
+    key_hint,
+    limit_columns,
+    limits_of,
+    new_admin_key_id,
+    new_key_id,
+    new_secret,
+    new_workspace_id,
     pending_response,
     terminal_event_of,
     usage_row,
@@ -92,26 +102,28 @@ class Store:
 
     # ---------------------------------------------------------------------------- keys
 
-    def create_key(self, workspace_name: str) -> tuple[str, KeyRecord]:
-        """Creates a key (and the workspace, if new); the plaintext is returned only here."""
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+    def create_key(self, workspace_name: str, *, create_workspace: bool = True) -> tuple[str, KeyRecord]:
+        """Creates a key (and the workspace, if new and allowed); the plaintext is returned only here."""
+        key = new_secret(KEY_PREFIX)
         now = int(time.time())
         with self._transaction():
-            row = self._conn.execute("SELECT id FROM workspaces WHERE name = ?", [workspace_name]).fetchone()
+            row = self._conn.execute(
+                "SELECT id, revoked_at FROM workspaces WHERE name = ?", [workspace_name]
+            ).fetchone()
+            if row is None and not create_workspace:
+                raise WorkspaceUnavailable(f"No workspace named {workspace_name!r}.")
+            if row is not None and row[1] is not None:
+                raise WorkspaceUnavailable(f"Workspace {workspace_name!r} is revoked.")
             if row:
                 workspace_id = row[0]
             else:
-                workspace_id = "ws_" + secrets.token_hex(12)
+                workspace_id = new_workspace_id()
                 self._conn.execute(
                     "INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)",
                     [workspace_id, workspace_name, now],
                 )
             record = KeyRecord(
-                id="key_" + secrets.token_hex(8),
-                workspace=workspace_name,
-                hint=key[:7] + "…" + key[-4:],
-                created_at=now,
-                revoked_at=None,
+                id=new_key_id(), workspace=workspace_name, hint=key_hint(key), created_at=now, revoked_at=None
             )
             self._conn.execute(
                 "INSERT INTO api_keys (id, workspace_id, key_hash, key_hint, created_at)"
@@ -120,23 +132,85 @@ class Store:
             )
         return key, record
 
-    def list_keys(self) -> list[KeyRecord]:
+    def create_admin_key(self) -> tuple[str, KeyRecord]:
+        key = new_secret(ADMIN_KEY_PREFIX)
+        record = KeyRecord(
+            id=new_admin_key_id(),
+            workspace="",
+            hint=key_hint(key),
+            created_at=int(time.time()),
+            revoked_at=None,
+            admin=True,
+        )
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO admin_keys (id, key_hash, key_hint, created_at) VALUES (?, ?, ?, ?)",
+                [record.id, hash_key(key), record.hint, record.created_at],
+            )
+        return key, record
+
+    def list_keys(self, workspace_name: str | None = None) -> list[KeyRecord]:
+        where, parameters = ("WHERE w.name = ?", [workspace_name]) if workspace_name is not None else ("", [])
         rows = self._conn.execute(
-            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at FROM api_keys k"
-            " JOIN workspaces w ON w.id = k.workspace_id ORDER BY k.created_at, k.rowid"
+            "SELECT k.id, w.name, k.key_hint, k.created_at, k.revoked_at, k.rowid FROM api_keys k"
+            f" JOIN workspaces w ON w.id = k.workspace_id {where}",
+            parameters,
         ).fetchall()
-        return [KeyRecord(*row) for row in rows]
+        keys = [(row[3], 1, row[5], KeyRecord(*row[:5])) for row in rows]
+        if workspace_name is None:
+            admin = self._conn.execute(
+                "SELECT id, key_hint, created_at, revoked_at, rowid FROM admin_keys"
+            ).fetchall()
+            keys += [
+                (row[2], 0, row[4], KeyRecord(row[0], "", row[1], row[2], row[3], True)) for row in admin
+            ]
+        return [record for *_, record in sorted(keys, key=lambda entry: entry[:3])]
 
     def revoke_key(self, key_id: str) -> bool:
+        table = "admin_keys" if key_id.startswith("akey_") else "api_keys"
         with self._transaction():
             cursor = self._conn.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                f"UPDATE {table} SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 [int(time.time()), key_id],
             )
         return cursor.rowcount == 1
 
+    def create_workspace(self, name: str) -> Workspace | None:
+        workspace = Workspace(id=new_workspace_id(), name=name, created_at=int(time.time()))
+        with self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                [workspace.id, workspace.name, workspace.created_at],
+            )
+        return workspace if cursor.rowcount == 1 else None
+
+    def get_workspace(self, name: str) -> Workspace | None:
+        row = self._conn.execute(
+            "SELECT id, name, created_at, revoked_at FROM workspaces WHERE name = ?", [name]
+        ).fetchone()
+        return Workspace(*row) if row else None
+
+    def revoke_workspace(self, name: str) -> tuple[Workspace | None, bool]:
+        """The workspace (None if unknown) and whether a key was revoked with it."""
+        now = int(time.time())
+        with self._transaction():
+            self._conn.execute(
+                "UPDATE workspaces SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", [now, name]
+            )
+            workspace = self.get_workspace(name)
+            if workspace is None:
+                return None, False
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE workspace_id = ? AND revoked_at IS NULL",
+                [now, workspace.id],
+            )
+        return workspace, cursor.rowcount > 0
+
     def list_workspaces(self) -> list[Workspace]:
-        rows = self._conn.execute("SELECT id, name, created_at FROM workspaces ORDER BY name").fetchall()
+        rows = self._conn.execute(
+            "SELECT id, name, created_at, revoked_at FROM workspaces ORDER BY name"
+        ).fetchall()
         return [Workspace(*row) for row in rows]
 
     def authenticate(self, key: str) -> str | None:
@@ -148,6 +222,69 @@ class Store:
             [hash_key(key)],
         ).fetchone()
         return row[0] if row else None
+
+    def authenticate_admin(self, key: str) -> str | None:
+        if not key.startswith(ADMIN_KEY_PREFIX):
+            return None
+        row = self._conn.execute(
+            "SELECT id FROM admin_keys WHERE key_hash = ? AND revoked_at IS NULL", [hash_key(key)]
+        ).fetchone()
+        return row[0] if row else None
+
+    # ---------------------------------------------------------------------------- limits
+
+    def set_limits(self, workspace_id: str, limits: WorkspaceLimits) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO workspace_limits (workspace_id, requests_per_minute, tokens_per_minute,"
+                " monthly_tokens) VALUES (?, ?, ?, ?) ON CONFLICT (workspace_id) DO UPDATE SET"
+                " requests_per_minute = excluded.requests_per_minute,"
+                " tokens_per_minute = excluded.tokens_per_minute, monthly_tokens = excluded.monthly_tokens",
+                [workspace_id, *limit_columns(limits)],
+            )
+
+    def get_limits(self, workspace_id: str) -> WorkspaceLimits:
+        row = self._conn.execute(
+            "SELECT requests_per_minute, tokens_per_minute, monthly_tokens FROM workspace_limits"
+            " WHERE workspace_id = ?",
+            [workspace_id],
+        ).fetchone()
+        return limits_of(row)
+
+    def take_request(
+        self, workspace_id: str, window: int, max_requests: int | None, max_tokens: int | None
+    ) -> tuple[bool, WindowUse]:
+        with self._transaction():
+            use = self.window_use(workspace_id, window)
+            if (max_requests is not None and use.requests >= max_requests) or (
+                max_tokens is not None and use.tokens >= max_tokens
+            ):
+                return False, use
+            self._conn.execute(
+                "INSERT INTO rate_windows (workspace_id, window_start, requests) VALUES (?, ?, 1)"
+                " ON CONFLICT (workspace_id, window_start) DO UPDATE SET requests = requests + 1",
+                [workspace_id, window],
+            )
+        return True, WindowUse(use.requests + 1, use.tokens)
+
+    def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO rate_windows (workspace_id, window_start, tokens) VALUES (?, ?, ?)"
+                " ON CONFLICT (workspace_id, window_start) DO UPDATE SET tokens = tokens + excluded.tokens",
+                [workspace_id, window, tokens],
+            )
+
+    def window_use(self, workspace_id: str, window: int) -> WindowUse:
+        row = self._conn.execute(
+            "SELECT requests, tokens FROM rate_windows WHERE workspace_id = ? AND window_start = ?",
+            [workspace_id, window],
+        ).fetchone()
+        return WindowUse(*row) if row else WindowUse(0, 0)
+
+    def prune_windows(self, before: int) -> None:
+        with self._transaction():
+            self._conn.execute("DELETE FROM rate_windows WHERE window_start < ?", [before])
 
     # ---------------------------------------------------------------------------- responses
 

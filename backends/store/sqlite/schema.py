@@ -179,6 +179,26 @@ def m005_conversations(db: Database) -> None:
     db.execute("CREATE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id)")
 
 
+@migrations()
+def m006_administration(db: Database) -> None:
+    """Revoked workspaces, admin keys, limits per workspace and the rate windows that enforce
+    them."""
+    db.execute("ALTER TABLE workspaces ADD COLUMN revoked_at INTEGER")
+    db.execute(
+        "CREATE TABLE admin_keys (id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE,"
+        " key_hint TEXT NOT NULL, created_at INTEGER NOT NULL, revoked_at INTEGER)"
+    )
+    db.execute(
+        "CREATE TABLE workspace_limits (workspace_id TEXT PRIMARY KEY, requests_per_minute INTEGER,"
+        " tokens_per_minute INTEGER, monthly_tokens INTEGER)"
+    )
+    db.execute(
+        "CREATE TABLE rate_windows (workspace_id TEXT NOT NULL, window_start INTEGER NOT NULL,"
+        " requests INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (workspace_id, window_start))"
+    )
+
+
 # Conversations and key hashes are nobody else's business: the database is readable by its
 # owner only. SQLite creates the -wal and -shm files with the database file's mode.
 _FILE_MODE = 0o600

@@ -49,6 +49,8 @@ class AsyncStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Told of each batch (its calls, its seconds), on this thread.
+        self.observer: Callable[[int, float], None] = _unobserved
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._closed = False
         store.db.conn.execute(f"PRAGMA wal_autocheckpoint={self.WAL_LIMIT_PAGES}")
@@ -123,7 +125,9 @@ class AsyncStore:
                     break
                 batch.append(call)
             alone = len(batch) == 1
+            started = time.perf_counter()
             outcomes = [_attempt(self._work_of(first))] if alone else self._run_together(batch)
+            self.observer(len(batch), time.perf_counter() - started)
             linger = self.LINGER_SECONDS if len(batch) >= self.LINGER_AFTER_BATCH else 0.0
             settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, object]]] = {}
             for (_, loop, future), (ok, value) in zip(batch, outcomes, strict=True):
@@ -200,6 +204,10 @@ class AsyncStore:
 _Call = tuple[Callable[[], object] | NewRows, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 # Whether the work succeeded, and its result or exception.
 _Outcome = tuple[bool, object]
+
+
+def _unobserved(calls: int, seconds: float) -> None:
+    pass
 
 
 def _merged(calls: Sequence[_Call]) -> NewRows:
