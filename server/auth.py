@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -110,6 +111,21 @@ class KeyCache:
         self._entries[key] = (workspace, time.monotonic() + self.ttl)
 
 
+@dataclass(frozen=True, slots=True)
+class _KeyKind:
+    """One kind of key (workspace or admin): how it looks, where it is looked up and cached, and
+    what a valid key of the other kind is told."""
+
+    name: str
+    prefix: str
+    cache: KeyCache
+    lookup: Callable[[str], Awaitable[str | None]]
+    other_prefix: str
+    other_lookup: Callable[[str], Awaitable[str | None]]
+    other_refused: str
+    other_reason: str
+
+
 class _Undecodable:
     """Stands for a request message that could not be decoded, so that the call can be
     authenticated before it is refused."""
@@ -164,67 +180,63 @@ class Authenticator:
         # here at once where the store can tell; elsewhere the cache window bounds it.
         store.on_key_revoked(self._keys.clear)
         store.on_key_revoked(self._admin_keys.clear)
+        self._workspace_keys = _KeyKind(
+            "API key",
+            KEY_PREFIX,
+            self._keys,
+            store.authenticate,
+            ADMIN_KEY_PREFIX,
+            store.authenticate_admin,
+            "This is an admin key: it manages workspaces through the admin API and cannot call this"
+            " API as a workspace. Use a workspace key.",
+            "ADMIN_KEY_NOT_ALLOWED",
+        )
+        self._admin_kind = _KeyKind(
+            "admin key",
+            ADMIN_KEY_PREFIX,
+            self._admin_keys,
+            store.authenticate_admin,
+            KEY_PREFIX,
+            store.authenticate,
+            "This is a workspace key: the admin API takes admin keys only ('venna keys create --admin').",
+            "ADMIN_KEY_REQUIRED",
+        )
         self._max_concurrent = max_concurrent_per_key
         # Calls (and streams) running now, by key.
         self._running: dict[str, int] = {}
         self._quotas = quotas
 
-    async def _key_and_workspace(self, context: Context) -> tuple[str, str]:
-        """The call's key and its workspace; raises ServiceError when there is no valid key."""
+    async def _identify(self, context: Context, kind: _KeyKind) -> tuple[str, str]:
+        """The call's key and what it stands for (a workspace id, or an admin key's id); raises
+        ServiceError when there is no valid key of ``kind``."""
         key = _bearer_key(context)
         if key is None:
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "Missing API key: send 'authorization: Bearer vk_…'.",
+                f"Missing {kind.name}: send 'authorization: Bearer {kind.prefix}…'.",
                 reason="MISSING_API_KEY",
             )
-        found = self._keys.get(key)
+        found = kind.cache.get(key)
         if found is None:
-            generation = self._keys.generation
-            found = await self._store.authenticate(key)
+            generation = kind.cache.generation
+            found = await kind.lookup(key)
             if found is None:
-                if key.startswith(ADMIN_KEY_PREFIX) and await self._store.authenticate_admin(key):
+                # Said plainly when it is a valid key of the other kind: a likely mix-up.
+                if key.startswith(kind.other_prefix) and await kind.other_lookup(key):
                     raise ServiceError(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        "This is an admin key: it manages workspaces through the admin API and cannot"
-                        " call this API as a workspace. Use a workspace key.",
-                        reason="ADMIN_KEY_NOT_ALLOWED",
+                        grpc.StatusCode.PERMISSION_DENIED, kind.other_refused, reason=kind.other_reason
                     )
                 raise ServiceError(
                     grpc.StatusCode.UNAUTHENTICATED,
-                    "Invalid API key: the key is unknown or has been revoked.",
+                    f"Invalid {kind.name}: the key is unknown or has been revoked.",
                     reason="INVALID_API_KEY",
                 )
-            self._keys.put(key, found, generation)
+            kind.cache.put(key, found, generation)
         return key, found
 
-    async def _admin_key(self, context: Context) -> str:
-        """The call's key, when it is a valid admin key; raises ServiceError otherwise."""
-        key = _bearer_key(context)
-        if key is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "Missing admin key: send 'authorization: Bearer vka_…'.",
-                reason="MISSING_API_KEY",
-            )
-        if self._admin_keys.get(key) is None:
-            generation = self._admin_keys.generation
-            found = await self._store.authenticate_admin(key)
-            if found is None:
-                if key.startswith(KEY_PREFIX) and await self._store.authenticate(key):
-                    raise ServiceError(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        "This is a workspace key: the admin API takes admin keys only"
-                        " ('venna keys create --admin').",
-                        reason="ADMIN_KEY_REQUIRED",
-                    )
-                raise ServiceError(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "Invalid admin key: the key is unknown or has been revoked.",
-                    reason="INVALID_API_KEY",
-                )
-            self._admin_keys.put(key, found, generation)
-        return key
+    async def _key_and_workspace(self, context: Context) -> tuple[str, str]:
+        """The call's key and its workspace; raises ServiceError when there is no valid key."""
+        return await self._identify(context, self._workspace_keys)
 
     async def verify(self, context: Context) -> None:
         """Aborts ``context`` (with the status a call would get) unless its metadata carries a
@@ -291,7 +303,7 @@ class Authenticator:
     async def _admit(self, request: Any, context: Context, check: RequestCheck | None, mode: int) -> str:
         """Authenticates the call, checks its request and its workspace's limits; the call's key."""
         if mode == _ADMIN:
-            key = await self._admin_key(context)
+            key, _ = await self._identify(context, self._admin_kind)
         else:
             key, workspace = await self._key_and_workspace(context)
             _workspace.set(workspace)

@@ -151,24 +151,19 @@ class Quotas:
         self._refuse(limits, previous, use, elapsed)
 
     def _refuse(self, limits: WorkspaceLimits, previous: WindowUse, use: WindowUse, elapsed: float) -> None:
-        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        """Raises for the limit the workspace is at: requests if that one, else tokens."""
+        rpm = limits.requests_per_minute
         if rpm is not None and use.requests + math.floor(previous.requests * (1 - elapsed)) >= rpm:
-            wait = seconds_until_allowed(rpm, previous.requests, use.requests, elapsed)
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Rate limit reached for this workspace: {rpm} requests per minute. Try again in"
-                f" {_retry_after(wait)}s.",
-                reason="RATE_LIMIT_EXCEEDED",
-                metadata={"retry_after": _retry_after(wait), "limit": "requests_per_minute"},
-            )
-        assert tpm is not None
-        wait = seconds_until_allowed(tpm, previous.tokens, use.tokens, elapsed)
+            bound, unit, before, now = rpm, "requests", previous.requests, use.requests
+        else:
+            assert limits.tokens_per_minute is not None
+            bound, unit, before, now = limits.tokens_per_minute, "tokens", previous.tokens, use.tokens
+        wait = _retry_after(seconds_until_allowed(bound, before, now, elapsed))
         raise ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"Rate limit reached for this workspace: {tpm} tokens per minute. Try again in"
-            f" {_retry_after(wait)}s.",
+            f"Rate limit reached for this workspace: {bound} {unit} per minute. Try again in {wait}s.",
             reason="RATE_LIMIT_EXCEEDED",
-            metadata={"retry_after": _retry_after(wait), "limit": "tokens_per_minute"},
+            metadata={"retry_after": wait, "limit": f"{unit}_per_minute"},
         )
 
     async def _previous_use(self, workspace_id: str, window: int) -> WindowUse:

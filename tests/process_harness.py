@@ -159,8 +159,14 @@ def log_tail(log_path: Path, lines: int = 30) -> str:
 
 def start_serve(db: str | Path, log_path: Path, *extra: str, timeout: float = 30.0) -> ServeProcess:
     """A started `venna serve`; raises StartFailed (with its log's tail) if it does not start."""
-    process = spawn_serve(db, log_path, *extra)
+    return await_startup(spawn_serve(db, log_path, *extra), log_path, timeout)
+
+
+def await_startup(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0) -> ServeProcess:
+    """The started server, once ``process`` printed its start-up line; otherwise the process is
+    killed and StartFailed raised with its log's tail."""
     match = None
+    line = ""
     try:
         line = read_startup_line(process, timeout).decode(errors="replace")
         match = STARTUP_LINE.search(line)

@@ -36,7 +36,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.process_harness import STARTUP_LINE, ServeProcess, StartFailed, log_tail, read_startup_line
+from tests.process_harness import ServeProcess, await_startup, log_tail
 from tests.test_venice_backend import free_port
 from venna.cli import commands
 
@@ -100,21 +100,7 @@ def launch(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pat
     systemd does) and waits for its start-up line; raises StartFailed with the log's tail."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=log)
-    match = None
-    line = ""
-    try:
-        line = read_startup_line(process, timeout=30).decode(errors="replace")
-        match = STARTUP_LINE.search(line)
-    finally:
-        if match is None:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-            code = process.wait(timeout=10)
-            if process.stdout is not None:
-                process.stdout.close()
-    if match is None:
-        raise StartFailed(f"exit status {code}, start-up line {line!r}, log:\n{log_tail(log_path)}")
-    return ServeProcess(process, match.group(1), match.group(2), log_path)
+    return await_startup(process, log_path)
 
 
 @contextlib.contextmanager
