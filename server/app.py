@@ -332,6 +332,7 @@ class VennaServer:
         grace = self.config.shutdown_grace if grace is None else grace
         self.draining = True
         await self.health.enter_graceful_shutdown()
+        await self.health.end_watches()
         await asyncio.gather(self.server.stop(grace), self.runner.shutdown(grace))
         await self.service.drain()
         await self.router.aclose()
@@ -345,8 +346,62 @@ class VennaServer:
         await self.close()
 
 
+class _WatchContext:
+    """A Watch call's context that notes when the call has been told a status other than
+    SERVING (the news a draining server must deliver before it ends the call)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.told_not_serving = asyncio.Event()
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if message.status != health_pb2.HealthCheckResponse.SERVING:
+            self.told_not_serving.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]  # untyped package
-    """gRPC health, with ``List`` (the package's asyncio servicer leaves it unimplemented)."""
+    """gRPC health, with ``List`` (the package's asyncio servicer leaves it unimplemented), and
+    Watch calls that end when the server closes: the package's run forever, so that one open
+    Watch (a load balancer's, a sidecar's) held every shutdown for its whole grace period."""
+
+    # How long a closing server waits for its watchers to be sent NOT_SERVING.
+    TELL_WATCHERS_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: dict[asyncio.Task[Any], _WatchContext] = {}
+        self._closing = False
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watching = _WatchContext(context)
+        self._watches[task] = watching
+        try:
+            await super().Watch(request, watching)
+        except asyncio.CancelledError:
+            # Ended by end_watches (and by nothing else): the call ends OK, its last word sent.
+            if not self._closing or task.cancelling() > 1 or context.cancelled():
+                raise
+            task.uncancel()
+        finally:
+            del self._watches[task]
+
+    async def end_watches(self) -> None:
+        """Ends every open Watch once it has been told NOT_SERVING (or after a second)."""
+        self._closing = True
+        watches = dict(self._watches)
+        if not watches:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.TELL_WATCHERS_SECONDS):
+                await asyncio.gather(*(watch.told_not_serving.wait() for watch in watches.values()))
+        for task in watches:
+            task.cancel()
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: Any

@@ -68,6 +68,29 @@ async def test_sigterm_reports_not_ready_for_the_drain_delay_while_still_serving
         assert time.monotonic() - began >= 3
 
 
+@pytest.mark.parametrize("drain", ["0", "1"])
+async def test_an_open_health_watch_is_told_and_ended_without_holding_the_shutdown(
+    tmp_path: Path, drain: str
+) -> None:
+    with serving(
+        tmp_path / "venna.db", tmp_path / "serve.log", "--drain-seconds", drain, "--shutdown-grace", "30"
+    ) as server:
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            began = time.monotonic()
+            os.kill(server.process.pid, signal.SIGTERM)
+            statuses = []
+            while (message := await watch.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
+                statuses.append(message.status)
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+            assert await watch.code() == grpc.StatusCode.OK
+        assert server.process.wait(timeout=15) == 0
+        # The drain delay, not the 30 s grace an endless Watch used to hold it for.
+        assert time.monotonic() - began < float(drain) + 5
+
+
 def test_the_shim_alone_is_ready_only_while_its_grpc_target_serves(tmp_path: Path) -> None:
     with serving(tmp_path / "venna.db", tmp_path / "serve.log") as server:
         for target, expected in ((server.grpc_address, 200), (f"127.0.0.1:{free_port()}", 503)):
