@@ -51,7 +51,7 @@ from venna.gateway_http.routes import Binding, bindings, pick
 from venna.gateway_http.sse import EventStreams
 from venna.gateway_http.tracing import middleware as tracing_middleware
 from venna.gateway_http.tracing import traced_client
-from venna.gateway_http.websocket import ResponsesWebSocket
+from venna.gateway_http.websocket import WEBSOCKET_MAX_SECONDS, ResponsesWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class ResponsesHttpApp:
         metrics: Callable[[], bytes] | None = None,
         ready: Callable[[], Awaitable[bool]] | None = None,
         cors_origins: Sequence[str] = (),
+        websocket_max_seconds: float = WEBSOCKET_MAX_SECONDS,
     ) -> None:
+        # How long one WebSocket connection may last (OpenAI's limit: 60 minutes).
+        self.websocket_max_seconds = websocket_max_seconds
         # With tracing on, a span per call, whose context the call carries.
         self.client = traced_client(client)
         # Browser origins allowed to call the API ("*" for any); none: no CORS headers at all.
@@ -101,7 +104,9 @@ class ResponsesHttpApp:
         # WebSocket mode of the create route: its streaming RPC, one turn after another.
         (create,) = [b for b in bindings() if b.verb == "POST" and b.template == WEBSOCKET_PATH]
         assert create.streaming is not None
-        websocket = ResponsesWebSocket(self.client, self.codec, create.streaming)
+        websocket = ResponsesWebSocket(
+            self.client, self.codec, create.streaming, max_seconds=self.websocket_max_seconds
+        )
         routes = [
             *self._routes,
             WebSocketRoute(WEBSOCKET_PATH, websocket.serve),

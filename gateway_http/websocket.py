@@ -11,6 +11,10 @@ Continuation works as over HTTP through ``previous_response_id``; in addition, t
 response of the connection is remembered when it was not stored (``"store": false``), so that
 the next turn can continue it: its context and output become the start of the next input.
 Only the most recent one is remembered, and a failed turn forgets it, as OpenAI's service does.
+
+A connection lasts at most an hour, as OpenAI's do: after that, the turn in progress finishes,
+then the client gets an ``error`` (``websocket_connection_limit_reached``) and the connection
+closes; clients open a new one (a store:false continuation does not carry over).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ _CONTINUABLE = frozenset({"completed", "incomplete"})
 _TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Messages waiting while a turn runs; past this the client is not reading its events.
 _MAX_WAITING_MESSAGES = 64
+WEBSOCKET_MAX_SECONDS = 3600.0
 
 
 @dataclass(slots=True)
@@ -62,10 +67,18 @@ class _TurnError(Exception):
 class ResponsesWebSocket:
     """Serves WebSocket connections on ``/v1/responses`` through the StreamResponse RPC."""
 
-    def __init__(self, client: ServiceClient, codec: Codec, stream_method: MethodDescriptor) -> None:
+    def __init__(
+        self,
+        client: ServiceClient,
+        codec: Codec,
+        stream_method: MethodDescriptor,
+        *,
+        max_seconds: float = WEBSOCKET_MAX_SECONDS,
+    ) -> None:
         self.client = client
         self.codec = codec
         self.stream_method = stream_method
+        self.max_seconds = max_seconds
 
     async def serve(self, websocket: WebSocket) -> None:
         """One connection, from the handshake to its close."""
@@ -106,13 +119,19 @@ class _Connection:
         self.remembered: _Remembered | None = None
         self.waiting: asyncio.Queue[str | None] = asyncio.Queue(_MAX_WAITING_MESSAGES)
         self.gone = asyncio.Event()
+        self.closes_at = asyncio.get_running_loop().time() + server.max_seconds
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
         turn: asyncio.Task[None] | None = None
         try:
             while True:
-                text = await self.waiting.get()
+                try:
+                    async with asyncio.timeout_at(self.closes_at):
+                        text = await self.waiting.get()
+                except TimeoutError:
+                    await self._expire()
+                    return
                 if text is None:
                     return
                 turn = asyncio.create_task(self._turn(text))
@@ -137,6 +156,22 @@ class _Connection:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+
+    async def _expire(self) -> None:
+        """Ends a connection that reached its time limit (between turns), saying why."""
+        minutes = self.server.max_seconds / 60
+        await self._send(
+            {
+                "type": "error",
+                "status": 400,
+                "error": _error(
+                    f"This WebSocket connection reached its limit of {minutes:g} minutes; open a new one.",
+                    None,
+                    "websocket_connection_limit_reached",
+                ),
+            }
+        )
+        await self.websocket.close(code=1000, reason="connection time limit reached")
 
     async def _read(self) -> None:
         try:

@@ -35,6 +35,8 @@ class HttpVenna(LoopThread):
     server: VennaServer | None = None
     # Browser origins the shim answers CORS for; none: no CORS.
     cors_origins: tuple[str, ...] = ()
+    # How long a WebSocket connection may last; None: the shim's default (an hour).
+    websocket_max_seconds: float | None = None
     # The backends to serve; None: the default routing table (echo, and Venice from VENICE_*).
     router: Router | None = None
     thread_name = "venna-http-test"
@@ -73,6 +75,8 @@ class HttpVenna(LoopThread):
         }
         if self.max_body_bytes is not None:
             options["max_body_bytes"] = self.max_body_bytes
+        if self.websocket_max_seconds is not None:
+            options["websocket_max_seconds"] = self.websocket_max_seconds
         http = HttpServer(
             create_app(client, **options), "127.0.0.1:0", shutdown_grace=1.0, limits=self.limits
         )

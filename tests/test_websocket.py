@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.http_harness import TRANSPORTS, HttpVenna, running
@@ -244,3 +245,24 @@ def test_the_official_sdk_connects(http_venna: HttpVenna) -> None:
     client.close()
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert text == "through the sdk"
+
+
+def test_a_connection_ends_at_its_time_limit_after_its_turn(tmp_path: Path) -> None:
+    """As OpenAI's: a connection lasts a bounded time; a turn under way when it is reached
+    finishes first, then the client is told why and the connection closes."""
+    venna = HttpVenna(tmp_path / "venna.db", websocket_max_seconds=1.0)
+    venna.start()
+    try:
+        with open_socket(venna) as socket:
+            # Echo words every 100 ms: this turn outlasts the connection's second.
+            events = turn(socket, model="echo:delay_ms=100", input=" ".join(["word"] * 15))
+            assert events[-1]["type"] == "response.completed"
+            expired = json.loads(socket.recv(timeout=10))
+            assert expired["type"] == "error"
+            assert expired["error"]["code"] == "websocket_connection_limit_reached"
+            with pytest.raises(ConnectionClosedOK):
+                socket.recv(timeout=10)
+        with open_socket(venna) as fresh:  # a new connection works at once
+            assert turn(fresh, model="echo", input="again")[-1]["type"] == "response.completed"
+    finally:
+        venna.stop()
