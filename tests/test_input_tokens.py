@@ -74,6 +74,20 @@ def test_echo_counts_exactly_what_its_usage_reports(sdk: openai.OpenAI) -> None:
     assert counted_again.input_tokens > counted.input_tokens
 
 
+def test_a_conversation_is_counted_as_a_create_in_it_is_billed(sdk: openai.OpenAI) -> None:
+    conversation = sdk.conversations.create(items=[{"role": "user", "content": "What came before"}])
+    counted = sdk.responses.input_tokens.count(model="echo", input="and now", conversation=conversation.id)
+    created = sdk.responses.create(model="echo", input="and now", conversation=conversation.id)
+    assert created.usage is not None
+    assert counted.input_tokens == created.usage.input_tokens == 5  # 3 words before, 2 now
+    with pytest.raises(openai.BadRequestError):  # not both ways of continuing at once
+        sdk.responses.input_tokens.count(
+            model="echo", input="x", conversation=conversation.id, previous_response_id=created.id
+        )
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.input_tokens.count(model="echo", input="x", conversation="conv_" + "0" * 48)
+
+
 def test_counting_stores_and_generates_nothing(http_venna: HttpVenna, fake: FakeVenice) -> None:
     """No response, no usage record, no generation upstream: the workspace's usage stays empty."""
     for model in ("echo", "up/gpt-5"):

@@ -674,6 +674,7 @@ class CountInputTokensRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model whose tokens are counted; unset, the count is an estimate."""
     instructions: _builtins.str
@@ -692,6 +693,12 @@ class CountInputTokensRequest(_message.Message):
     def text(self) -> _response_pb2.TextConfig: ...
     @_builtins.property
     def reasoning(self) -> _response_pb2.Reasoning: ...
+    @_builtins.property
+    def conversation(self) -> Global___ConversationParam:
+        """A conversation whose items open the context, as on a create; not with
+        previous_response_id.
+        """
+
     def __init__(
         self,
         *,
@@ -705,11 +712,14 @@ class CountInputTokensRequest(_message.Message):
         text: _response_pb2.TextConfig | None = ...,
         reasoning: _response_pb2.Reasoning | None = ...,
         truncation: _response_pb2.Truncation.ValueType = ...,
+        conversation: Global___ConversationParam | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_conversation", b"_conversation", "_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "conversation", b"conversation", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "input", b"input", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conversation", b"_conversation", "_instructions", b"_instructions", "_model", b"_model", "_parallel_tool_calls", b"_parallel_tool_calls", "_previous_response_id", b"_previous_response_id", "_reasoning", b"_reasoning", "_text", b"_text", "_tool_choice", b"_tool_choice", "conversation", b"conversation", "input", b"input", "instructions", b"instructions", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "previous_response_id", b"previous_response_id", "reasoning", b"reasoning", "text", b"text", "tool_choice", b"tool_choice", "tools", b"tools", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__conversation: _TypeAlias = _typing.Literal["conversation"]  # noqa: Y015
+    _WhichOneofArgType__conversation: _TypeAlias = _typing.Literal["_conversation", b"_conversation"]  # noqa: Y015
     _WhichOneofReturnType__instructions: _TypeAlias = _typing.Literal["instructions"]  # noqa: Y015
     _WhichOneofArgType__instructions: _TypeAlias = _typing.Literal["_instructions", b"_instructions"]  # noqa: Y015
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
@@ -724,6 +734,8 @@ class CountInputTokensRequest(_message.Message):
     _WhichOneofArgType__text: _TypeAlias = _typing.Literal["_text", b"_text"]  # noqa: Y015
     _WhichOneofReturnType__tool_choice: _TypeAlias = _typing.Literal["tool_choice"]  # noqa: Y015
     _WhichOneofArgType__tool_choice: _TypeAlias = _typing.Literal["_tool_choice", b"_tool_choice"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conversation) -> _WhichOneofReturnType__conversation | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instructions) -> _WhichOneofReturnType__instructions | None: ...
     @_typing.overload
