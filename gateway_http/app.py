@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_KEEPALIVE_SECONDS = 15.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# The largest body of an admin call (a name, a few limits), read before its key is checked.
+ADMIN_MAX_BODY_BYTES = 64 * 1024
 # Where WebSocket mode is served: the path of POST /v1/responses, as OpenAI serves it.
 WEBSOCKET_PATH = "/v1/responses"
 
@@ -179,11 +181,15 @@ class ResponsesHttpApp:
         if binding.has_body:
             check_content_type(request)
         metadata = forwarded_metadata(request)
+        limit = self.max_body_bytes
         if pick(binding, False).containing_service.full_name != ADMIN_SERVICE.full_name:
             # Before the body is read: an unauthenticated client cannot make the shim read it.
             await self.client.check_key(metadata)
+        else:
+            # The admin call checks its own (admin) key; until then, only a small body is read.
+            limit = min(limit, ADMIN_MAX_BODY_BYTES)
         if binding.has_body:
-            body = await self._read_body(request)
+            body = await self._read_body(request, limit)
             if len(body) > OFFLOAD_BYTES:
                 # Parsing and decoding megabytes takes a while: other clients are served meanwhile.
                 method, message = await asyncio.to_thread(
@@ -219,19 +225,19 @@ class ResponsesHttpApp:
         fields.update(path_params)
         return method, self.codec.decode(fields, message_class(method.input_type.full_name))
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused (413) as soon as it is known to exceed the limit.
+    async def _read_body(self, request: Request, limit: int) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed ``limit`` bytes.
 
         How long it may take to arrive is bounded by the connection (see gateway_http.server).
         """
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise BadRequest(413, f"The request body exceeds {self.max_body_bytes} bytes.")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"The request body exceeds {limit} bytes.")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > self.max_body_bytes:
-                raise BadRequest(413, f"The request body exceeds {self.max_body_bytes} bytes.")
+            if len(body) > limit:
+                raise BadRequest(413, f"The request body exceeds {limit} bytes.")
         return bytes(body)
 
     async def _unary_while_connected(

@@ -109,6 +109,14 @@ def test_workspace_keys_never_administer_and_admin_keys_never_act_as_tenants(ven
     unknown = httpx.get(f"{venna.base_url}/admin/workspaces", headers=bearer("vka_" + "x" * 43))
     assert unknown.status_code == 401
 
+    # Before its key is checked, an admin call's body is read only up to a small bound.
+    large = httpx.post(
+        f"{venna.base_url}/admin/workspaces",
+        content=b'{"name": "' + b"x" * 100_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert large.status_code == 413, large.text
+
     as_tenant = httpx.post(
         f"{venna.base_url}/responses", json={"model": "echo", "input": "hi"}, headers=bearer(venna.admin)
     )
