@@ -1,8 +1,8 @@
 """Limits per workspace: requests per minute, tokens per minute, tokens per calendar month.
 
 The counts live in the store, so every replica on it enforces the same limits. A minute's
-requests and tokens are counted in fixed windows of the store (``take_request`` counts a
-request only while the window is under its bound, atomically for every replica); what the
+requests and tokens are counted in fixed windows of the store (``take_requests`` counts
+requests only while the window is under its bound, atomically for every replica); what the
 previous window used is carried into the current one in proportion to the part of it still
 within the last 60 seconds, so that a burst across a window's end is not let through twice.
 The monthly budget is read from the usage records.
@@ -20,8 +20,9 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 
@@ -45,6 +46,16 @@ class _Cached:
     month_tokens: int | None = None
     month_start: int = 0
     month_expires: float = 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Requests of one workspace counted by one update of its rate window, under one bound."""
+
+    window: int
+    max_requests: int | None
+    max_tokens: int | None
+    waiters: list[asyncio.Future[tuple[bool, WindowUse]]] = field(default_factory=list)
 
 
 def seconds_until_allowed(limit: int, previous: int, current: int, elapsed: float) -> float:
@@ -98,6 +109,13 @@ class Quotas:
         self._previous: dict[str, tuple[int, WindowUse]] = {}
         self._pruned_before = 0
         self._writes: set[asyncio.Task[None]] = set()
+        # By workspace: the batch of requests waiting to be counted, and the update under way.
+        self._batches: dict[str, _Batch] = {}
+        self._sending: dict[str, asyncio.Task[Any]] = {}
+        # Tokens of finished responses not yet written, by workspace and window; and, by
+        # workspace, the addition under way.
+        self._unwritten_tokens: dict[tuple[str, int], int] = {}
+        self._adding: dict[str, asyncio.Task[Any]] = {}
 
     def forget(self, workspace_id: str) -> None:
         """Drops what is cached of the workspace (its limits were just changed here)."""
@@ -140,9 +158,7 @@ class Quotas:
         if (max_requests is not None and max_requests <= 0) or (max_tokens is not None and max_tokens <= 0):
             taken, use = False, await self._store.window_use(workspace_id, window)
         else:
-            taken, use = await self._store.take_request(
-                workspace_id, window, max_requests=max_requests, max_tokens=max_tokens
-            )
+            taken, use = await self._take(workspace_id, _Batch(window, max_requests, max_tokens))
         if window - WINDOW_SECONDS * _KEEP_WINDOWS > self._pruned_before:
             self._pruned_before = window - WINDOW_SECONDS * _KEEP_WINDOWS
             self._spawn(self._store.prune_windows(self._pruned_before))
@@ -165,6 +181,60 @@ class Quotas:
             reason="RATE_LIMIT_EXCEEDED",
             metadata={"retry_after": wait, "limit": f"{unit}_per_minute"},
         )
+
+    async def _take(self, workspace_id: str, batch: _Batch) -> tuple[bool, WindowUse]:
+        """Counts one request, together with the workspace's others arriving meanwhile: a
+        process sends one update of a workspace's window at a time, for every request that came
+        while the previous one was under way, rather than one each that would queue on the
+        window's row lock. Whether this request was counted, and the window's use after."""
+        waiting = self._batches.get(workspace_id)
+        if waiting is None or (waiting.window, waiting.max_requests, waiting.max_tokens) != (
+            batch.window,
+            batch.max_requests,
+            batch.max_tokens,
+        ):
+            # The first of a batch (or bounds that moved on): a batch of its own, sent in turn.
+            waiting = batch
+            self._batches[workspace_id] = batch
+            self._spawn(self._send(workspace_id, batch))
+        answer: asyncio.Future[tuple[bool, WindowUse]] = asyncio.get_running_loop().create_future()
+        waiting.waiters.append(answer)
+        return await answer
+
+    async def _send(self, workspace_id: str, batch: _Batch) -> None:
+        """Sends ``batch`` once the workspace's previous update is done, and tells its waiters."""
+        previous = self._sending.get(workspace_id)
+        this = asyncio.current_task()
+        assert this is not None
+        self._sending[workspace_id] = this
+        try:
+            if previous is not None:
+                await asyncio.wait((previous,))
+            if self._batches.get(workspace_id) is batch:
+                del self._batches[workspace_id]  # closed: whoever comes now starts the next one
+            try:
+                taken, use = await self._store.take_requests(
+                    workspace_id,
+                    batch.window,
+                    len(batch.waiters),
+                    max_requests=batch.max_requests,
+                    max_tokens=batch.max_tokens,
+                )
+            except BaseException as error:
+                for waiter in batch.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+                return
+            for index, waiter in enumerate(batch.waiters):
+                if not waiter.done():  # a caller that left: its place was counted all the same
+                    waiter.set_result((index < taken, use))
+        finally:
+            if self._batches.get(workspace_id) is batch:
+                del self._batches[workspace_id]
+            if self._sending.get(workspace_id) is this:
+                del self._sending[workspace_id]
 
     async def _previous_use(self, workspace_id: str, window: int) -> WindowUse:
         known = self._previous.get(workspace_id)
@@ -211,7 +281,28 @@ class Quotas:
             entry.month_tokens += tokens
         if entry.limits.tokens_per_minute is not None:
             window = int(self.clock() // WINDOW_SECONDS) * WINDOW_SECONDS
-            self._spawn(self._store.add_window_tokens(workspace_id, window, tokens))
+            key = (workspace_id, window)
+            # Tokens finishing while the workspace's previous addition is under way go together.
+            if key in self._unwritten_tokens:
+                self._unwritten_tokens[key] += tokens
+            else:
+                self._unwritten_tokens[key] = tokens
+                self._spawn(self._add_tokens(key))
+
+    async def _add_tokens(self, key: tuple[str, int]) -> None:
+        """Adds the tokens gathered for ``key`` once the workspace's previous addition is done."""
+        previous = self._adding.get(key[0])
+        this = asyncio.current_task()
+        assert this is not None
+        self._adding[key[0]] = this
+        try:
+            if previous is not None:
+                await asyncio.wait((previous,))
+            tokens = self._unwritten_tokens.pop(key)
+            await self._store.add_window_tokens(key[0], key[1], tokens)
+        finally:
+            if self._adding.get(key[0]) is this:
+                del self._adding[key[0]]
 
     def _spawn(self, write: Awaitable[None]) -> None:
         async def run() -> None:

@@ -187,21 +187,33 @@ async def test_limits_are_kept_per_workspace(store: ResponseStore) -> None:
 async def test_rate_windows_count_requests_up_to_a_bound(store: ResponseStore) -> None:
     alpha, beta = await workspaces(store)
     window = 1_800_000_000
-    taken = [await store.take_request(alpha, window, max_requests=3, max_tokens=None) for _ in range(5)]
-    assert [ok for ok, _ in taken] == [True, True, True, False, False]
+    taken = [await store.take_requests(alpha, window, 1, max_requests=3, max_tokens=None) for _ in range(5)]
+    assert [count for count, _ in taken] == [1, 1, 1, 0, 0]
     assert taken[-1][1] == WindowUse(3, 0)
     assert await store.window_use(alpha, window) == WindowUse(3, 0)
     assert await store.window_use(beta, window) == WindowUse(0, 0)  # per workspace
     assert await store.window_use(alpha, window + 60) == WindowUse(0, 0)  # per window
+    # Several at once: as many as fit.
+    assert await store.take_requests(beta, window, 4, max_requests=6, max_tokens=None) == (4, WindowUse(4, 0))
+    assert await store.take_requests(beta, window, 4, max_requests=6, max_tokens=None) == (2, WindowUse(6, 0))
+    assert await store.take_requests(beta, window, 4, max_requests=None, max_tokens=None) == (
+        4,
+        WindowUse(10, 0),
+    )
+    # A first request of a window, with nothing allowed, makes nothing.
+    assert await store.take_requests(beta, window + 120, 2, max_requests=None, max_tokens=0) == (
+        0,
+        WindowUse(0, 0),
+    )
     await store.add_window_tokens(alpha, window, 40)
     await store.add_window_tokens(alpha, window, 2)
-    assert await store.take_request(alpha, window, max_requests=None, max_tokens=42) == (
-        False,
+    assert await store.take_requests(alpha, window, 1, max_requests=None, max_tokens=42) == (
+        0,
         WindowUse(3, 42),
     )
-    assert await store.take_request(alpha, window, max_requests=None, max_tokens=43) == (
-        True,
-        WindowUse(4, 42),
+    assert await store.take_requests(alpha, window, 2, max_requests=None, max_tokens=43) == (
+        2,
+        WindowUse(5, 42),
     )
     await store.add_window_tokens(beta, window + 60, 7)  # a window made by tokens alone
     assert await store.window_use(beta, window + 60) == WindowUse(0, 7)
@@ -213,9 +225,12 @@ async def test_rate_windows_count_requests_up_to_a_bound(store: ResponseStore) -
 async def test_concurrent_requests_never_pass_the_bound(store: ResponseStore) -> None:
     alpha, _ = await workspaces(store)
     results = await asyncio.gather(
-        *(store.take_request(alpha, 60, max_requests=10, max_tokens=None) for _ in range(40))
+        *(
+            store.take_requests(alpha, 60, 1 + index % 3, max_requests=10, max_tokens=None)
+            for index in range(40)
+        )
     )
-    assert sum(ok for ok, _ in results) == 10
+    assert sum(count for count, _ in results) == 10
     assert await store.window_use(alpha, 60) == WindowUse(10, 0)
 
 

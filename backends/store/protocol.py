@@ -496,13 +496,13 @@ class ResponseStore(Protocol):
         """The workspace's limits; none set is ``WorkspaceLimits()``."""
         ...
 
-    def take_request(
-        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
-    ) -> Awaitable[tuple[bool, WindowUse]]:
-        """Counts one request in the workspace's rate window ``window`` (a minute's start, unix
-        seconds) if, before it, the window has fewer than ``max_requests`` requests and fewer
-        than ``max_tokens`` tokens (None: no bound), atomically for every process on the store.
-        Whether it was counted, and the window's use after."""
+    def take_requests(
+        self, workspace_id: str, window: int, count: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> Awaitable[tuple[int, WindowUse]]:
+        """Counts up to ``count`` requests in the workspace's rate window ``window`` (a minute's
+        start, unix seconds): as many as keep the window at most ``max_requests`` requests, and
+        none once it has ``max_tokens`` tokens (None: no bound); atomically for every process on
+        the store. How many were counted, and the window's use after."""
         ...
 
     def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> Awaitable[None]:

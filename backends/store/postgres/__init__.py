@@ -512,23 +512,14 @@ class PostgresStore:
         )
         return limits_of(tuple(row) if row else None)
 
-    async def take_request(
-        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
-    ) -> tuple[bool, WindowUse]:
-        # One statement: the row lock of the upsert orders the requests of every replica.
-        row = await self.pool.fetchrow(
-            "INSERT INTO rate_windows AS w (workspace_id, window_start, requests) VALUES ($1, $2, 1)"
-            " ON CONFLICT (workspace_id, window_start) DO UPDATE SET requests = w.requests + 1"
-            " WHERE ($3::bigint IS NULL OR w.requests < $3) AND ($4::bigint IS NULL OR w.tokens < $4)"
-            " RETURNING requests, tokens",
-            workspace_id,
-            window,
-            max_requests,
-            max_tokens,
-        )
-        if row is not None:
-            return True, WindowUse(row["requests"], row["tokens"])
-        return False, await self.window_use(workspace_id, window)
+    async def take_requests(
+        self, workspace_id: str, window: int, count: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> tuple[int, WindowUse]:
+        # One statement: the upsert's row lock orders the requests of every replica, and the row
+        # keeps how many this very update counted (RETURNING shows only the new values).
+        row = await self.pool.fetchrow(_TAKE_REQUESTS, workspace_id, window, count, max_requests, max_tokens)
+        assert row is not None
+        return row["taken"], WindowUse(row["requests"], row["tokens"])
 
     async def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> None:
         await self.pool.execute(
@@ -1185,6 +1176,23 @@ async def _add_conversation_items(
             "INSERT INTO conversation_items (conversation_id, item_id, body) VALUES ($1, $2, $3)",
             [(conversation_id, item_id(item), item.SerializeToString()) for item in items],
         )
+
+
+# $3 requests asked for, $4 the most the window may hold (NULL: no bound), $5 the tokens at which
+# it takes none (NULL: no bound). A new window has no tokens yet.
+_TAKE_REQUESTS = """
+INSERT INTO rate_windows AS w (workspace_id, window_start, requests, last_taken)
+SELECT $1, $2, first, first FROM (
+    SELECT CASE WHEN $5::bigint IS NOT NULL AND $5 <= 0 THEN 0
+                ELSE GREATEST(0, LEAST($3::bigint, COALESCE($4::bigint, $3))) END AS first
+) AS asked
+ON CONFLICT (workspace_id, window_start) DO UPDATE SET
+    last_taken = CASE WHEN $5::bigint IS NOT NULL AND w.tokens >= $5 THEN 0
+                      ELSE LEAST($3, GREATEST(0, COALESCE($4, w.requests + $3) - w.requests)) END,
+    requests = w.requests + CASE WHEN $5::bigint IS NOT NULL AND w.tokens >= $5 THEN 0
+                                 ELSE LEAST($3, GREATEST(0, COALESCE($4, w.requests + $3) - w.requests)) END
+RETURNING requests, tokens, last_taken AS taken
+"""
 
 
 def _unobserved(writes: int, seconds: float) -> None:

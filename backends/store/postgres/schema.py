@@ -141,6 +141,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             window_start bigint NOT NULL,
             requests bigint NOT NULL DEFAULT 0,
             tokens bigint NOT NULL DEFAULT 0,
+            -- How many requests the latest update counted (what an update's RETURNING reports).
+            last_taken bigint NOT NULL DEFAULT 0,
             PRIMARY KEY (workspace_id, window_start)
         );
         """,

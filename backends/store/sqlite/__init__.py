@@ -253,10 +253,12 @@ class SqliteStore:
     def get_limits(self, workspace_id: str) -> asyncio.Future[WorkspaceLimits]:
         return self._thread.call(self.queries.get_limits, workspace_id)
 
-    def take_request(
-        self, workspace_id: str, window: int, *, max_requests: int | None, max_tokens: int | None
-    ) -> asyncio.Future[tuple[bool, WindowUse]]:
-        return self._thread.call(self.queries.take_request, workspace_id, window, max_requests, max_tokens)
+    def take_requests(
+        self, workspace_id: str, window: int, count: int, *, max_requests: int | None, max_tokens: int | None
+    ) -> asyncio.Future[tuple[int, WindowUse]]:
+        return self._thread.call(
+            self.queries.take_requests, workspace_id, window, count, max_requests, max_tokens
+        )
 
     def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> asyncio.Future[None]:
         return self._thread.call(self.queries.add_window_tokens, workspace_id, window, tokens)

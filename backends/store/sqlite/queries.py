@@ -251,21 +251,23 @@ class Store:
         ).fetchone()
         return limits_of(row)
 
-    def take_request(
-        self, workspace_id: str, window: int, max_requests: int | None, max_tokens: int | None
-    ) -> tuple[bool, WindowUse]:
+    def take_requests(
+        self, workspace_id: str, window: int, count: int, max_requests: int | None, max_tokens: int | None
+    ) -> tuple[int, WindowUse]:
         with self._transaction():
             use = self.window_use(workspace_id, window)
-            if (max_requests is not None and use.requests >= max_requests) or (
-                max_tokens is not None and use.tokens >= max_tokens
-            ):
-                return False, use
+            room = count if max_requests is None else max(0, min(count, max_requests - use.requests))
+            if max_tokens is not None and use.tokens >= max_tokens:
+                room = 0
+            if room == 0:
+                return 0, use
             self._conn.execute(
-                "INSERT INTO rate_windows (workspace_id, window_start, requests) VALUES (?, ?, 1)"
-                " ON CONFLICT (workspace_id, window_start) DO UPDATE SET requests = requests + 1",
-                [workspace_id, window],
+                "INSERT INTO rate_windows (workspace_id, window_start, requests) VALUES (?, ?, ?)"
+                " ON CONFLICT (workspace_id, window_start)"
+                " DO UPDATE SET requests = requests + excluded.requests",
+                [workspace_id, window, room],
             )
-        return True, WindowUse(use.requests + 1, use.tokens)
+        return room, WindowUse(use.requests + room, use.tokens)
 
     def add_window_tokens(self, workspace_id: str, window: int, tokens: int) -> None:
         with self._transaction():
