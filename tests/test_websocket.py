@@ -22,6 +22,7 @@ from websockets.sync.client import ClientConnection, connect
 from tests.http_harness import TRANSPORTS, HttpVenna, running
 from tests.openai_schema import validate_open_responses, validate_stream_event
 from tests.test_http_wire import client_for, post_stream
+from venna.gateway_http.server import ConnectionLimits
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 
@@ -264,5 +265,27 @@ def test_a_connection_ends_at_its_time_limit_after_its_turn(tmp_path: Path) -> N
                 socket.recv(timeout=10)
         with open_socket(venna) as fresh:  # a new connection works at once
             assert turn(fresh, model="echo", input="again")[-1]["type"] == "response.completed"
+    finally:
+        venna.stop()
+
+
+def test_websocket_connections_count_against_the_connection_cap(tmp_path: Path) -> None:
+    venna = HttpVenna(tmp_path / "venna.db", limits=ConnectionLimits(max_connections=2))
+    venna.start()
+    try:
+        with open_socket(venna) as first, open_socket(venna) as second:
+            for socket in (first, second):  # both upgraded and serving
+                assert turn(socket, model="echo", input="held")[-1]["type"] == "response.completed"
+            refused = httpx.get(
+                f"{venna.base_url}/models", headers={"authorization": f"Bearer {venna.alpha}"}
+            )
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
+        time.sleep(0.2)  # the server notices the closes
+        assert (
+            httpx.get(
+                f"{venna.base_url}/models", headers={"authorization": f"Bearer {venna.alpha}"}
+            ).status_code
+            == 200
+        )
     finally:
         venna.stop()
