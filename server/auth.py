@@ -180,7 +180,7 @@ class Authenticator:
         # here at once where the store can tell; elsewhere the cache window bounds it.
         store.on_key_revoked(self._keys.clear)
         store.on_key_revoked(self._admin_keys.clear)
-        self._workspace_keys = _KeyKind(
+        self._workspace_kind = _KeyKind(
             "API key",
             KEY_PREFIX,
             self._keys,
@@ -236,7 +236,7 @@ class Authenticator:
 
     async def _key_and_workspace(self, context: Context) -> tuple[str, str]:
         """The call's key and its workspace; raises ServiceError when there is no valid key."""
-        return await self._identify(context, self._workspace_keys)
+        return await self._identify(context, self._workspace_kind)
 
     async def verify(self, context: Context) -> None:
         """Aborts ``context`` (with the status a call would get) unless its metadata carries a

@@ -26,6 +26,7 @@ from venna.responses.v1 import response_pb2
 from venna.server import auth
 from venna.server.errors import ABORTED_WITH
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("venna.access")
 
 # Latency buckets (seconds): from a cached read to a long generation.
@@ -247,7 +248,10 @@ async def _answer_request_id(context: Any) -> str:
     """The call's request id (the caller's ``x-request-id``, or a new one), sent back in the
     response headers so that a caller can quote it when it reports a problem."""
     request_id = _request_id(context) or "req_" + secrets.token_hex(16)
-    await context.send_initial_metadata((("x-request-id", request_id),))
+    try:
+        await context.send_initial_metadata((("x-request-id", request_id),))
+    except Exception:  # a call already over (its client gone): the handler finds out by itself
+        log.debug("could not send the request id of a call", exc_info=True)
     return request_id
 
 

@@ -121,7 +121,7 @@ class Quotas:
         """Drops what is cached of the workspace (its limits were just changed here)."""
         self._cache.pop(workspace_id, None)
 
-    async def _entry(self, workspace_id: str, now: float) -> _Cached:
+    async def _entry(self, workspace_id: str) -> _Cached:
         entry = self._cache.get(workspace_id)
         if entry is None or entry.expires <= time.monotonic():
             limits = await self._store.get_limits(workspace_id)
@@ -138,7 +138,7 @@ class Quotas:
         """Returns when the workspace may create one more response now (and counts it);
         raises RESOURCE_EXHAUSTED, with the seconds to wait, when a limit is reached."""
         now = self.clock()
-        entry = await self._entry(workspace_id, now)
+        entry = await self._entry(workspace_id)
         limits = entry.limits
         if not limits.any:
             return
