@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 import venna
 from venna.backends.store import (
@@ -41,7 +40,7 @@ from venna.cli.logs import configure_logging
 from venna.cli.tracing import MODES as TRACE_MODES
 from venna.cli.tracing import TracingUnavailable
 from venna.cli.tracing import start as start_tracing
-from venna.gateway_http.app import create_app
+from venna.gateway_http.app import create_app, create_metrics_app
 from venna.gateway_http.client import ChannelClient, InProcessClient, open_channel
 from venna.gateway_http.server import DEFAULT_LIMITS, ConnectionLimits, HttpServer, split_address
 from venna.gateway_http.tls import ChannelTls, HttpTls
@@ -684,18 +683,15 @@ async def serve(
             raise _tls_error(error) from None
     exporter = None
     if metrics_listen:
-        host, port = split_address(metrics_listen)
-        tls = config.tls
+        exporter = HttpServer(
+            create_metrics_app(server.metrics.exposition, server.ready),
+            metrics_listen,
+            config.shutdown_grace,
+            http_limits,
+            tls=_http_tls(config.tls),
+        )
         try:
-            exporter, _ = start_http_server(
-                port,
-                addr=host,
-                registry=server.metrics.registry,
-                certfile=str(tls.cert) if tls else None,
-                keyfile=str(tls.key) if tls else None,
-                client_cafile=str(tls.client_ca) if tls and tls.client_ca else None,
-                client_auth_required=bool(tls and tls.client_ca),
-            )
+            await exporter.start()
         except OSError as error:
             await server.stop(0)
             if http is not None:
@@ -703,6 +699,9 @@ async def serve(
             raise SettingError(
                 f"--metrics-listen {metrics_listen}: cannot listen ({error.strerror or error})"
             ) from None
+        except HttpTlsFileError as error:
+            await server.stop(0)
+            raise _tls_error(error) from None
     where = f", HTTP on {http.scheme}://{http.address}/v1" if http else ""
     secured = ""
     if config.tls is not None:
@@ -718,7 +717,7 @@ async def serve(
     await asyncio.gather(server.drain(), http.stop() if http else asyncio.sleep(0))
     await server.close()
     if exporter is not None:
-        exporter.shutdown()
+        await exporter.stop()
 
 
 async def serve_http(

@@ -323,6 +323,34 @@ class ResponsesHttpApp:
         return error_response(error.status_code, message, "invalid_request_error", None, code, headers)
 
 
+def create_metrics_app(
+    metrics: Callable[[], bytes], ready: Callable[[], Awaitable[bool]] | None = None
+) -> Starlette:
+    """The app of a metrics port (``--metrics-listen``), for deployments without the shim:
+    ``/metrics`` and the probes, served like the shim (its deadlines, its TLS) rather than by
+    prometheus-client's own server, whose single thread a client could hold mid-handshake."""
+
+    async def exposition(request: Request) -> Response:
+        return Response(metrics(), media_type=PROMETHEUS_TEXT)
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readiness(request: Request) -> Response:
+        if ready is None or await ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    return Starlette(
+        routes=[
+            Route("/metrics", exposition, methods=["GET"]),
+            Route("/livez", live, methods=["GET"]),
+            Route("/healthz", live, methods=["GET"]),
+            Route("/readyz", readiness, methods=["GET"]),
+        ]
+    )
+
+
 def create_app(client: ServiceClient, **options: Any) -> Starlette:
     """The ASGI app of the shim."""
     return ResponsesHttpApp(client, **options).build()

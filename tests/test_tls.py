@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,9 +237,16 @@ async def test_serve_with_tls_from_the_environment_serves_https_grpc_and_metrics
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["output"][0]["content"][0]["text"] == "over https"
-            exposition = await http.get(f"https://{metrics}/metrics")
+            # A client that connects and never finishes its handshake holds nobody else up.
+            host, port = metrics.rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as stalled:
+                stalled.sendall(b"\x16\x03\x01")  # the first bytes of a TLS record, no more
+                began = time.monotonic()
+                exposition = await http.get(f"https://{metrics}/metrics")
+                assert time.monotonic() - began < 5
             assert exposition.status_code == 200
             assert "venna_rpc_calls_total" in exposition.text
+            assert (await http.get(f"https://{metrics}/readyz")).status_code == 200
         async with httpx.AsyncClient(timeout=10) as system_roots:
             with pytest.raises(httpx.ConnectError):  # the system's CAs do not know this one
                 await system_roots.get(root + "/livez")
