@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench_c import wrk
-from benchkit.config import QUICK, ROOT
-from benchkit.processes import Bench, child_env
+from benchkit.config import QUICK
+from benchkit.processes import Bench, venna_cli
 
 CONNECTIONS = 16
-
-
-def venna_cli(*args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "venna.cli", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
 
 
 def main() -> int:

@@ -22,15 +22,6 @@ DEFAULT_ITEMS_LIMIT = 20
 MAX_ITEMS_LIMIT = 100
 
 
-def _not_found(conversation_id: str) -> errors.ServiceError:
-    return errors.ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        f"Conversation with id '{errors.quoted(conversation_id)}' not found.",
-        reason="CONVERSATION_NOT_FOUND",
-        param="conversation_id",
-    )
-
-
 def _unreadable(conversation_id: str) -> errors.ServiceError:
     return errors.ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -85,7 +76,7 @@ class ConversationsService:
     ) -> conversations_pb2.Conversation:
         found = await self._store.get_conversation(auth.workspace_id(), request.conversation_id)
         if found is None:
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         return found
 
     async def UpdateConversation(
@@ -96,14 +87,14 @@ class ConversationsService:
             auth.workspace_id(), request.conversation_id, request.metadata
         )
         if updated is None:
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         return updated
 
     async def DeleteConversation(
         self, request: conversations_pb2.DeleteConversationRequest, context: auth.Context
     ) -> conversations_pb2.DeleteConversationResponse:
         if not await self._store.delete_conversation(auth.workspace_id(), request.conversation_id):
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         return conversations_pb2.DeleteConversationResponse(
             id=request.conversation_id, object="conversation.deleted", deleted=True
         )
@@ -132,7 +123,7 @@ class ConversationsService:
         except UnreadableRecord:
             raise _unreadable(request.conversation_id) from None
         if page is None:
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         return _item_list(page)
 
     async def CreateConversationItems(
@@ -141,7 +132,7 @@ class ConversationsService:
         validate_conversation_items(request.items)
         items = await self._items(list(request.items))
         if not await self._store.add_conversation_items(auth.workspace_id(), request.conversation_id, items):
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         return _item_list(InputItemsPage(items=items, has_more=False))
 
     async def GetConversationItem(
@@ -156,7 +147,7 @@ class ConversationsService:
             raise _unreadable(request.conversation_id) from None
         if item is None:
             if await self._store.get_conversation(workspace_id, request.conversation_id) is None:
-                raise _not_found(request.conversation_id)
+                raise errors.conversation_not_found(request.conversation_id)
             raise _item_not_found(request.item_id)
         return item
 
@@ -166,7 +157,7 @@ class ConversationsService:
         workspace_id = auth.workspace_id()
         conversation = await self._store.get_conversation(workspace_id, request.conversation_id)
         if conversation is None:
-            raise _not_found(request.conversation_id)
+            raise errors.conversation_not_found(request.conversation_id)
         if not await self._store.delete_conversation_item(
             workspace_id, request.conversation_id, request.item_id
         ):

@@ -226,12 +226,7 @@ class Creation:
                 param="conversation",
             ) from None
         if page is None:
-            raise errors.ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Conversation with id '{errors.quoted(conversation)}' not found.",
-                reason="CONVERSATION_NOT_FOUND",
-                param="conversation",
-            )
+            raise errors.conversation_not_found(conversation, param="conversation")
         return page.items
 
     async def _history(self, workspace_id: str, previous_response_id: str) -> list[response_pb2.Item]:

@@ -103,6 +103,15 @@ def response_not_found(response_id: str, param: str = "response_id") -> ServiceE
     )
 
 
+def conversation_not_found(conversation_id: str, param: str = "conversation_id") -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Conversation with id '{quoted(conversation_id)}' not found.",
+        reason="CONVERSATION_NOT_FOUND",
+        param=param,
+    )
+
+
 _BACKEND_CODES = {
     ErrorKind.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,

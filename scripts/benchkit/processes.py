@@ -24,6 +24,19 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(path)}
 
 
+def venna_cli(*args: str) -> str:
+    """What a ``venna`` command prints (a key, say); raises if it fails."""
+    return subprocess.run(
+        [sys.executable, "-m", "venna.cli", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+
+
 class ServerProcess:
     """A server in its own process whose first stdout line says where it listens."""
 
@@ -146,15 +159,7 @@ class Bench:
         name = self._next("venna")
         db: str | Path = database if database is not None else self.scratch / f"{name}.db"
         command = [sys.executable, "-m", "venna.cli"]
-        key = subprocess.run(
-            [*command, "keys", "create", "--workspace", "bench", "--db", str(db)],
-            cwd=ROOT,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
+        key = venna_cli("keys", "create", "--workspace", "bench", "--db", str(db))
         server = ServerProcess(
             name,
             [
